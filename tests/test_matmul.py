@@ -1,0 +1,227 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritonops
+from tritonops import reference, runtime
+from tritonops.ops import matmul as matmul_ops
+
+from .utils import check_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+
+
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- matmul forward + backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [
+    ((29,), (29,)),  # 1-D x 1-D
+    ((29,), (29, 13)),  # 1-D x 2-D
+    ((37, 29), (29,)),  # 2-D x 1-D
+    ((37, 29), (29, 53)),  # odd sizes, tails in every dim
+    ((1, 1), (1, 1)),
+    ((1, 131), (131, 17)),  # decode-like M = 1, K past one block
+    ((2, 3, 7, 19), (19, 5)),  # batch folded into M
+    ((2, 1, 7, 19), (3, 19, 5)),  # broadcast batch dims
+    ((7, 19), (2, 19, 5)),  # 2-D x batched
+    ((4, 19), (2, 3, 19, 1)),
+    ((3, 19), (19,)),
+], ids=lambda s: "x".join(str(list(t)) for t in s))
+def test_matmul(device, dtype, shapes):
+    a, b = randn(*shapes[0], dtype=dtype, device=device), randn(*shapes[1], dtype=dtype, device=device)
+    check_op(tritonops.matmul, torch.matmul, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["a_t", "b_t", "both_t", "sliced", "batch_t"])
+def test_matmul_strides(device, dtype, layout):
+    """Transposed and sliced operands are read through their strides."""
+    M, N, K = 23, 41, 37
+    if layout == "batch_t":
+        a, b = randn(K, 3, M, dtype=dtype, device=device), randn(3, K, N, dtype=dtype, device=device)
+        views = lambda t: [t[0].permute(1, 2, 0), t[1]]  # a is (3, M, K) with no unit stride in K
+    elif layout == "sliced":
+        a, b = randn(M, 2 * K, dtype=dtype, device=device), randn(K, 3 * N, dtype=dtype, device=device)
+        views = lambda t: [t[0][:, ::2], t[1][:, 1::3]]
+    else:
+        a = randn(K, M, dtype=dtype, device=device) if layout in ("a_t", "both_t") else randn(M, K, dtype=dtype, device=device)
+        b = randn(N, K, dtype=dtype, device=device) if layout in ("b_t", "both_t") else randn(K, N, dtype=dtype, device=device)
+        views = lambda t: [t[0].t() if layout in ("a_t", "both_t") else t[0],
+                           t[1].t() if layout in ("b_t", "both_t") else t[1]]
+    check_op(tritonops.matmul, torch.matmul, a, b, strided=views)
+
+
+def test_transposed_operand_is_not_copied(device, monkeypatch):
+    """The kernel receives the caller's storage, with the transposed strides."""
+    a, b = randn(16, 24, device=device), randn(32, 24, device=device)
+    seen = []
+    launch = matmul_ops.launch_matmul
+
+    def spy(x, y, *args, **kwargs):
+        seen.append((x.data_ptr(), x.stride(), y.data_ptr(), y.stride()))
+        return launch(x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matmul_ops, "launch_matmul", spy)
+    tritonops.matmul(a, b.t())
+    assert seen[0][2] == b.data_ptr() and seen[0][3][1:] == (1, 24)
+
+
+@pytest.mark.parametrize("shapes", [((0, 5), (5, 3)), ((4, 5), (5, 0)), ((4, 0), (0, 3)), ((0, 4, 5), (5, 3)),
+                                    ((2, 0, 5), (2, 5, 3)), ((0,), (0,))])
+def test_matmul_empty(device, shapes):
+    a = randn(*shapes[0], device=device, dtype=torch.float64).requires_grad_()
+    b = randn(*shapes[1], device=device, dtype=torch.float64).requires_grad_()
+    out = tritonops.matmul(a, b)
+    ref = torch.matmul(a.detach(), b.detach())
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref)  # K = 0 gives zeros, like torch
+    out.sum().backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+def test_matmul_gradcheck(device):
+    a = randn(5, 7, device=device, dtype=torch.float64).requires_grad_()
+    b = randn(2, 7, 3, device=device, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(tritonops.matmul, (a, b))
+
+
+def test_fp32_precision_follows_torch(monkeypatch):
+    for setting, expected in [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]:
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda s=setting: s)
+        assert matmul_ops._input_precision(torch.float32) == expected
+    assert matmul_ops._input_precision(torch.float64) == "ieee"
+
+
+# --------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear(device, dtype, activation, with_bias):
+    x = randn(3, 11, 37, dtype=dtype, device=device)
+    w = randn(45, 37, dtype=dtype, device=device) / 6
+    b = randn(45, dtype=dtype, device=device) if with_bias else None
+    args = (x, w, b) if with_bias else (x, w)
+    check_op(lambda *t: tritonops.linear(*t, activation=activation),
+             lambda *t: reference.linear(*t, activation_name=activation), *args)
+
+
+@pytest.mark.parametrize("shapes", [((37,), (5, 37), (5,)), ((37,), (37,), ()), ((3, 4, 37), (37,), None),
+                                    ((1, 9), (1, 9), (1,))])
+def test_linear_vector_shapes(device, shapes):
+    x, w, b = (randn(*s, device=device) if s is not None else None for s in shapes)
+    check_op(tritonops.linear, F.linear, *(t for t in (x, w, b) if t is not None))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_gradcheck(device, activation):
+    x = randn(2, 3, 7, device=device, dtype=torch.float64).requires_grad_()
+    w = randn(5, 7, device=device, dtype=torch.float64).requires_grad_()
+    b = randn(5, device=device, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: tritonops.linear(*t, activation=activation), (x, w, b))
+
+
+def test_linear_non_contiguous_input(device):
+    x = randn(6, 40, device=device)
+    w = randn(9, 20, device=device)
+    check_op(tritonops.linear, F.linear, x, w, strided=lambda t: [t[0][::2, ::2], t[1]])
+
+
+def test_linear_k_zero_gives_bias(device):
+    x, w, b = randn(4, 0, device=device), randn(3, 0, device=device), randn(3, device=device)
+    out = tritonops.linear(x, w, b, activation="relu")
+    assert torch.equal(out, F.relu(b).expand(4, 3))
+
+
+def test_linear_bias_grad_is_deterministic(device):
+    x = randn(300, 64, device=device, dtype=torch.float16)
+    w = randn(48, 64, device=device, dtype=torch.float16).requires_grad_()
+    b = randn(48, device=device, dtype=torch.float16).requires_grad_()
+    grads = []
+    for _ in range(2):
+        out = tritonops.linear(x, w, b, activation="gelu")
+        grads.append(torch.autograd.grad(out.sum(), (w, b)))
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(*grads))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_mismatched_inner_dims_raise_like_torch(device):
+    a, b = randn(3, 4, device=device), randn(5, 6, device=device)
+    with pytest.raises(RuntimeError) as torch_err:
+        torch.matmul(a, b)
+    with pytest.raises(type(torch_err.value), match=r"cannot be multiplied \(3x4 and 5x6\)"):
+        tritonops.matmul(a, b)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        tritonops.linear(a, randn(2, 5, device=device))
+    with pytest.raises(RuntimeError):
+        tritonops.matmul(randn(2, 3, 4, device=device), randn(3, 4, 5, device=device))  # batch 2 vs 3
+
+
+def test_bad_inputs_are_named(device):
+    a = randn(3, 4, device=device)
+    with pytest.raises(RuntimeError, match="dtype"):
+        tritonops.matmul(a, randn(4, 2, device=device, dtype=torch.float16))
+    with pytest.raises(TypeError, match="int64"):
+        tritonops.matmul(torch.ones(3, 4, dtype=torch.int64), torch.ones(4, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="device"):
+        tritonops.matmul(a, torch.empty(4, 2, device="meta"))
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        tritonops.linear(a, randn(2, 4, device=device), activation="tanh")
+    with pytest.raises(RuntimeError, match="bias has shape"):
+        tritonops.linear(a, randn(2, 4, device=device), randn(3, device=device))
+    with pytest.raises(RuntimeError, match="at least 1D"):
+        tritonops.matmul(torch.tensor(1.0), a)
+
+
+def test_cpu_without_interpreter_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "_warned_reference", set())
+    a, b = randn(3, 4), randn(4, 2)
+    with pytest.warns(RuntimeWarning, match="torch reference"):
+        out = tritonops.matmul(a, b)
+    assert torch.equal(out, torch.matmul(a, b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tritonops.matmul(a, b)  # once only
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def test_outputs_are_poisoned():
+    """The harness itself: buffers start as NaN, so an unwritten element cannot pass."""
+    assert runtime.POISON
+    assert torch.isnan(runtime.new_output((4, 4), torch.bfloat16, torch.device("cpu"))).all()
+
+
+def test_assert_close_catches_a_wrong_element():
+    ref = torch.randn(8, 8, dtype=torch.float64)
+    ours = ref.to(torch.float16)
+    reference.assert_close(ours, ref, ours)
+    ours[3, 5] = float("nan")
+    with pytest.raises(AssertionError):
+        reference.assert_close(ours, ref, ref.to(torch.float16))
+    ours[3, 5] = ref[3, 5] + 0.05
+    with pytest.raises(AssertionError):
+        reference.assert_close(ours, ref, ref.to(torch.float16))
+
+
+def test_heuristic_config_keeps_gpu_rules():
+    for M, N, K in [(1, 1, 1), (1, 4096, 4096), (8192, 8192, 8192), (37, 53, 29)]:
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            cfg = matmul_ops.matmul_config(M, N, K, dtype)
+            for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0
+            smem = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * dtype.itemsize * cfg.num_stages
+            assert smem <= 227 * 1024

@@ -1,0 +1,57 @@
+"""Compare an op with its torch twin: ours at the input precision, torch at the
+same precision (its error sets the bar) and a float64 reference, outputs and
+gradients alike, through the tolerance table in tritonops.reference."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonops.reference import assert_close
+
+
+def _cast(args, dtype, requires_grad):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = a.detach().to(dtype)
+            if requires_grad:
+                a.requires_grad_(True)
+        out.append(a)
+    return out
+
+
+def check_op(ours, torch_fn, *args, backward=True, strided=None, **kwargs):
+    """Check ours(*args, **kwargs) against torch_fn at float64 and at args' own precision.
+
+    `strided`, if given, maps the list of cast inputs to the inputs actually passed
+    (e.g. transposed or sliced views), applied alike to all three runs.
+    """
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+
+    def run(fn, dt):
+        leaves = _cast(args, dt, backward)
+        inputs = strided(leaves) if strided else leaves
+        out = fn(*inputs, **kwargs)
+        if not backward:
+            return out, []
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+        grad_leaves = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads = torch.autograd.grad(out, grad_leaves, g, allow_unused=True)
+        return out, list(grads)
+
+    ref_out, ref_grads = run(torch_fn, torch.float64)
+    ours_out, ours_grads = run(ours, dtype)
+    torch_out, torch_grads = run(torch_fn, dtype) if dtype != torch.float64 else (ref_out, ref_grads)
+    assert ours_out.dtype == torch_out.dtype, f"output dtype {ours_out.dtype} != torch's {torch_out.dtype}"
+    assert ours_out.shape == torch_out.shape, f"output shape {tuple(ours_out.shape)} != torch's {tuple(torch_out.shape)}"
+    assert_close(ours_out, ref_out, torch_out, dtype, what="output")
+    for i, (o, r, t) in enumerate(zip(ours_grads, ref_grads, torch_grads)):
+        if r is None:
+            assert o is None or not o.any(), f"grad {i}: expected none"
+            continue
+        assert o is not None, f"grad {i} is missing"
+        assert o.shape == r.shape, f"grad {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        assert_close(o, r, t, dtype, what=f"grad of input {i}")
+    return ours_out

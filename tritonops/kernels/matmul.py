@@ -1,0 +1,141 @@
+"""Matmul with a fused bias + activation epilogue, and the activation's backward."""
+
+import triton
+import triton.language as tl
+
+from .common import cast_to, tanh
+
+SQRT_HALF = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+SQRT_2_OVER_PI = 0.7978845608028654
+GELU_TANH_COEF = 0.044715
+
+
+@triton.jit
+def _activation_fwd(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == "gelu":
+        z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
+    elif ACTIVATION == "gelu_tanh":
+        z = 0.5 * z * (1.0 + tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z)))
+    elif ACTIVATION == "silu":
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """d activation(z) / dz."""
+    if ACTIVATION == "relu":
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "gelu":
+        g = 0.5 * (1.0 + tl.math.erf(z * SQRT_HALF)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == "gelu_tanh":
+        t = tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z))
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * z * z)
+    elif ACTIVATION == "silu":
+        s = tl.sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    else:
+        g = tl.full(z.shape, 1.0, z.dtype)
+    return g
+
+
+@triton.jit
+def _matmul_fwd_kernel(
+    a_ptr,  # (B, M, K)
+    b_ptr,  # (B, K, N)
+    c_ptr,  # (B, M, N) output: activation(a @ b + bias)
+    z_ptr,  # (B, M, N) pre-activation a @ b + bias, written when STORE_PREACT; strides of c
+    bias_ptr,  # (N,)
+    M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_bias,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the K loop
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
+    UPCAST: tl.constexpr,  # interpreter with 16-bit floats only: compute in fp32 (see common.cast_to)
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tiles_m * tiles_n
+    batch = pid // tiles
+    tile = pid % tiles
+    # Grouped order: GROUP_M row-tiles sweep the columns together, so their A and B tiles stay in L2.
+    tiles_in_group = GROUP_M * tiles_n
+    first_m = (tile // tiles_in_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_in_group) % group_rows
+    pid_n = (tile % tiles_in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge wrap around, so loads need no M/N mask; the store is masked.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    batch = batch.to(tl.int64)
+    a_ptrs = a_ptr + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias).to(ACC_DTYPE)[None, :]
+    c_offs = batch * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if STORE_PREACT:
+        tl.store(z_ptr + c_offs, cast_to(acc, z_ptr.dtype.element_ty, UPCAST), mask=c_mask)
+    out = _activation_fwd(acc, ACTIVATION)
+    tl.store(c_ptr + c_offs, cast_to(out, c_ptr.dtype.element_ty, UPCAST), mask=c_mask)
+
+
+@triton.jit
+def _epilogue_bwd_kernel(
+    dy_ptr,  # (R, N) gradient of the activation's output
+    z_ptr,  # (R, N) saved pre-activation; read when ACTIVATION is set
+    dz_ptr,  # (R, N) gradient of the pre-activation, written when ACTIVATION is set
+    dbias_part_ptr,  # (cdiv(R, BLOCK_R), N) per-program column sums of dz, written when HAS_BIAS
+    R, N,
+    stride_dyr, stride_dyn,
+    stride_zr, stride_zn,
+    stride_dzr, stride_dzn,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+    dz = tl.load(dy_ptr + offs_r[:, None] * stride_dyr + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    dz = dz.to(ACC_DTYPE)
+    if ACTIVATION != "none":
+        z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
+        dz = dz * _activation_grad(z.to(ACC_DTYPE), ACTIVATION)
+        dz = cast_to(dz, dz_ptr.dtype.element_ty, UPCAST)
+        tl.store(dz_ptr + offs_r[:, None] * stride_dzr + offs_n[None, :] * stride_dzn, dz, mask=mask)
+    if HAS_BIAS:
+        # The bias gradient sums the (rounded) dz the weight gradient sees.
+        dz = dz.to(ACC_DTYPE)
+        tl.store(dbias_part_ptr + pid_r * N + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)

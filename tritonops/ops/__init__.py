@@ -1,0 +1,1 @@
+"""Torch-facing ops: validate, build the problem, pick a config, launch."""

@@ -1,0 +1,230 @@
+"""matmul and linear (with a fused bias + activation epilogue), forward and backward."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+from autotune import Config
+
+from .. import reference, runtime
+from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
+from ._common import acc_dtype, check_same, interpreter_upcast, use_reference
+
+ACTIVATIONS = reference.ACTIVATIONS
+
+
+# --------------------------------------------------------------------------- config choice
+
+
+@functools.lru_cache(maxsize=4096)
+def matmul_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
+    """The config for one matmul problem.
+
+    The single place a matmul config is chosen; for now a heuristic:
+    the tile covers up to 128 x 128 outputs, shrunk to the next power of two
+    of a small M or N (decode-like shapes) and never under 16 (the smallest
+    `tl.dot`); BLOCK_K is 64 for 16-bit types, 32 for float32, 16 for float64,
+    which keeps 3 stages well inside Hopper's 227 KB of shared memory;
+    8 warps for a full 128 x 128 tile, 4 otherwise; GROUP_M 8 for L2 reuse.
+    """
+    block_m = min(128, max(16, triton.next_power_of_2(M)))
+    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    block_k = {2: 64, 4: 32}.get(dtype.itemsize, 16)
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                  num_warps=num_warps, num_stages=3)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """float32 follows torch.get_float32_matmul_precision(): 'highest' is IEEE fp32, else TF32."""
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if dtype == torch.float64 else "tf32"
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None, store_preact: bool = False,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """c = activation(a @ b + bias) for a (B, M, K), b (B, K, N), any strides.
+
+    Returns (c, z) with z the pre-activation when `store_preact`, else None.
+    `out`, if given, is a (B, M, N) buffer of any strides to write c into.
+    """
+    B, M, K = a.shape
+    N = b.shape[2]
+    c = out if out is not None else runtime.new_output((B, M, N), a.dtype, a.device)
+    z = runtime.new_output((B, M, N), a.dtype, a.device) if store_preact else None
+    if c.numel() == 0:
+        return c, z
+    cfg = matmul_config(M, N, K, a.dtype)
+    meta = cfg.meta
+    grid = (B * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _matmul_fwd_kernel[grid](
+        a, b, c, z if z is not None else c, bias if bias is not None else c,
+        M, N, K,
+        *a.stride(), *b.stride(), *c.stride(),
+        bias.stride(0) if bias is not None else 0,
+        EVEN_K=K % meta["BLOCK_K"] == 0,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation or "none",
+        STORE_PREACT=store_preact,
+        ACC_DTYPE=acc_dtype(a.dtype),
+        INPUT_PRECISION=_input_precision(a.dtype),
+        UPCAST=interpreter_upcast(a.dtype),
+        **cfg.launch_kwargs(),
+    )
+    return c, z
+
+
+def launch_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor | None, activation: str | None,
+                        bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From dy (R, N): dz = dy * activation'(z), and the bias gradient sum_r dz (if asked).
+
+    Without an activation dz is dy itself. The bias gradient is reduced in two
+    stages (per-program column sums, then their sum), so it is deterministic.
+    """
+    R, N = dy.shape
+    dz = runtime.new_output((R, N), dy.dtype, dy.device) if activation else dy
+    if not activation and not bias_grad:
+        return dz, None
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    parts = torch.zeros((triton.cdiv(R, block_r), N), dtype=torch.float64 if dy.dtype == torch.float64
+                        else torch.float32, device=dy.device)
+    if dy.numel():
+        zz = z if z is not None else dy
+        grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
+        _epilogue_bwd_kernel[grid](
+            dy, zz, dz, parts, R, N,
+            *dy.stride(), *zz.stride(), *dz.stride(),
+            BLOCK_R=block_r, BLOCK_N=block_n,
+            ACTIVATION=activation or "none", HAS_BIAS=bias_grad, ACC_DTYPE=acc_dtype(dy.dtype),
+            UPCAST=interpreter_upcast(dy.dtype), num_warps=4,
+        )
+    dbias = parts.sum(0).to(dy.dtype) if bias_grad else None
+    return dz, dbias
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class MatmulFunction(torch.autograd.Function):
+    """activation(a @ b + bias) on canonical operands: a (B, M, K), b (B, K, N), bias (N,)."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, activation):
+        store_preact = activation is not None and any(ctx.needs_input_grad[:3])
+        c, z = launch_matmul(a, b, bias, activation, store_preact=store_preact)
+        ctx.activation = activation
+        ctx.save_for_backward(a, b, z)
+        return c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dc):
+        a, b, z = ctx.saved_tensors
+        need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        B, M, N = dc.shape
+        dz2, dbias = launch_epilogue_bwd(dc.reshape(B * M, N), z.view(B * M, N) if z is not None else None,
+                                         ctx.activation, need_bias)
+        dz = dz2.view(B, M, N) if ctx.activation else dc
+        da = db = None
+        if need_a:  # dA = dZ @ B^T, B^T read through its strides
+            da, _ = launch_matmul(dz, b.mT, out=runtime.new_output_like(a))
+        if need_b:  # dB = A^T @ dZ, written in B's layout
+            db, _ = launch_matmul(a.mT, dz, out=runtime.new_output_like(b))
+        return da, db, dbias, None
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def _as_batched(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(*batch_dims, r, c) -> (batch, r, c), a view where the strides allow one."""
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    try:
+        return t.view(batch, *t.shape[-2:])
+    except RuntimeError:  # broadcast dims that no single stride describes: copy
+        return t.reshape(batch, *t.shape[-2:])
+
+
+def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides."""
+    dtype, device = check_same("matmul", {"input": input, "other": other})
+    if input.dim() == 0 or other.dim() == 0:
+        raise RuntimeError(
+            f"both arguments to matmul need to be at least 1D, but they are {input.dim()}D and {other.dim()}D")
+    if use_reference("matmul", device):
+        return reference.matmul(input, other)
+
+    a = input.unsqueeze(0) if input.dim() == 1 else input
+    b = other.unsqueeze(-1) if other.dim() == 1 else other
+    (M, K), (K2, N) = a.shape[-2:], b.shape[-2:]
+    if K != K2:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({M}x{K} and {K2}x{N})")
+    batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a_batch = a.shape[:-2]
+    if b.dim() == 2 and a.dim() > 2 and _foldable(a):
+        # b is shared by every batch: fold a's batch into M, one problem instead of many
+        c = MatmulFunction.apply(a.reshape(1, -1, K), b.unsqueeze(0), None, None)
+    else:
+        nbatch = batch_shape.numel()
+        a3 = _as_batched(a.expand(*batch_shape, M, K), nbatch)
+        b3 = _as_batched(b.expand(*batch_shape, K, N), nbatch)
+        c = MatmulFunction.apply(a3, b3, None, None)
+    c = c.view(*batch_shape, M, N) if a_batch or b.dim() > 2 else c.view(M, N)
+    if input.dim() == 1:
+        c = c.squeeze(-2)
+    if other.dim() == 1:
+        c = c.squeeze(-1)
+    return c
+
+
+def _foldable(a: torch.Tensor) -> bool:
+    """Whether (*batch, M, K) views as (batch * M, K) without a copy."""
+    stride = a.stride(-2)
+    size = a.shape[-2]
+    for d in range(a.dim() - 3, -1, -1):
+        if a.shape[d] != 1 and a.stride(d) != stride * size:
+            return False
+        if a.shape[d] != 1:
+            stride, size = a.stride(d), a.shape[d]
+    return True
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """F.linear on a Triton kernel, with `activation` (None, "relu", "gelu", "gelu_tanh",
+    "silu") and the bias applied in the matmul's epilogue: one kernel, one pass."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"tritonops.linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    dtype, device = check_same("linear", {"input": input, "weight": weight, "bias": bias})
+    if input.dim() == 0:
+        raise RuntimeError("tritonops.linear: input must be at least 1-D")
+    if weight.dim() not in (1, 2):
+        raise RuntimeError(f"tritonops.linear: weight must be 1-D or 2-D, got {weight.dim()}-D")
+    w = weight if weight.dim() == 2 else weight.unsqueeze(0)
+    N, K = w.shape
+    if input.shape[-1] != K:
+        rows = input.numel() // max(input.shape[-1], 1) if input.dim() > 1 else 1
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and {K}x{N})")
+    if bias is not None and tuple(bias.shape) != (N,) and not (weight.dim() == 1 and bias.dim() == 0):
+        raise RuntimeError(f"tritonops.linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if use_reference("linear", device):
+        return reference.linear(input, weight, bias, activation)
+
+    x2 = input.reshape(math.prod(input.shape[:-1]), K)
+    b = bias.reshape(N) if bias is not None else None
+    c = MatmulFunction.apply(x2.unsqueeze(0), w.t().unsqueeze(0), b, activation)
+    out_shape = (*input.shape[:-1], N) if weight.dim() == 2 else input.shape[:-1]
+    return c.view(out_shape)
