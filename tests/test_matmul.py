@@ -220,7 +220,7 @@ def test_assert_close_catches_a_wrong_element():
 def test_heuristic_config_keeps_gpu_rules():
     for M, N, K in [(1, 1, 1), (1, 4096, 4096), (8192, 8192, 8192), (37, 53, 29)]:
         for dtype in (torch.float16, torch.float32, torch.float64):
-            cfg = matmul_ops.matmul_config(M, N, K, dtype)
+            cfg = matmul_ops.matmul_heuristic((M, N, K, str(dtype)[6:]))
             for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                 assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0
             smem = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * dtype.itemsize * cfg.num_stages

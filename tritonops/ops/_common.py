@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import triton.language as tl
 
@@ -9,6 +11,11 @@ from .. import runtime
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+DTYPE_NAMES = {dt: str(dt).replace("torch.", "") for dt in FLOAT_DTYPES}
+
+# Tuned configs shipped with the package: one `autotune export` bundle per GPU model.
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
 
 TL_DTYPES = {
     torch.float16: tl.float16,

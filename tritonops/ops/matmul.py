@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 
-from autotune import Config
+from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
 
 from .. import reference, runtime
+from ..kernels import common as common_kernels
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
-from ._common import acc_dtype, check_same, interpreter_upcast, use_reference
+from ._common import DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, use_reference
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -20,24 +20,74 @@ ACTIVATIONS = reference.ACTIVATIONS
 # --------------------------------------------------------------------------- config choice
 
 
-@functools.lru_cache(maxsize=4096)
-def matmul_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
-    """The config for one matmul problem.
+def matmul_heuristic(key: tuple) -> Config:
+    """The default config of a matmul problem key (see `matmul_key`).
 
-    The single place a matmul config is chosen; for now a heuristic:
-    the tile covers up to 128 x 128 outputs, shrunk to the next power of two
+    The tile covers up to 128 x 128 outputs, shrunk to the next power of two
     of a small M or N (decode-like shapes) and never under 16 (the smallest
     `tl.dot`); BLOCK_K is 64 for 16-bit types, 32 for float32, 16 for float64,
     which keeps 3 stages well inside Hopper's 227 KB of shared memory;
     8 warps for a full 128 x 128 tile, 4 otherwise; GROUP_M 8 for L2 reuse.
     """
+    M, N, K, dtype = key[:4]
     block_m = min(128, max(16, triton.next_power_of_2(M)))
     block_n = min(128, max(16, triton.next_power_of_2(N)))
-    block_k = {2: 64, 4: 32}.get(dtype.itemsize, 16)
+    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(dtype, 16)
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
                   num_warps=num_warps, num_stages=3)
+
+
+def matmul_key(M: int, N: int, K: int, a: torch.Tensor, b: torch.Tensor, epilogue: bool) -> tuple:
+    """(M bucketed, N, K, dtype, A read along K, B read along K, fused epilogue)."""
+    return (bucket(M), N, K, DTYPE_NAMES[a.dtype], a.stride(2) == 1, b.stride(1) == 1, epilogue)
+
+
+def _smem_bytes(config: Config, problem: dict) -> int:
+    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * problem["itemsize"] * config.num_stages
+
+
+def _accumulator_fits(config: Config, problem: dict) -> bool:
+    # fp32 accumulator registers per thread; past ~128 the kernel spills
+    return config["BLOCK_M"] * config["BLOCK_N"] // (32 * config.num_warps) <= 128
+
+
+MATMUL_SPACE = Space(
+    {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256], "BLOCK_K": [16, 32, 64, 128],
+     "GROUP_M": [8]},
+    num_warps=[4, 8], num_stages=[2, 3, 4, 5],
+    smem_bytes=_smem_bytes, block_dims={"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"},
+    dot_params=["BLOCK_M", "BLOCK_N", "BLOCK_K"], constraints=[_accumulator_fits], version=1)
+
+
+def _problem(key: tuple) -> dict:
+    M, N, K, dtype = key[:4]
+    return {"M": M, "N": N, "K": K, "itemsize": getattr(torch, dtype).itemsize}
+
+
+def _runner(key: tuple):
+    """Inputs for `key` on the GPU (or the interpreter's CPU), and a launch into scratch outputs."""
+    M, N, K, dtype, a_kmajor, b_kmajor, epilogue = key
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = getattr(torch, dtype)
+    a = torch.randn((M, K) if a_kmajor else (K, M), device=device, dtype=dt)
+    b = torch.randn((N, K) if b_kmajor else (K, N), device=device, dtype=dt) / K ** 0.5
+    a3 = (a if a_kmajor else a.t()).unsqueeze(0)
+    b3 = (b.t() if b_kmajor else b).unsqueeze(0)
+    bias = torch.randn(N, device=device, dtype=dt) if epilogue else None
+    activation = "gelu" if epilogue else None
+    out = torch.empty((1, M, N), device=device, dtype=dt)
+
+    def launch(config: Config):
+        return launch_matmul(a3, b3, bias, activation, out=out, config=config)[0].clone()
+
+    return launch
+
+
+MATMUL_TUNER = register_tuner(Tuner(
+    "matmul", MATMUL_SPACE, matmul_heuristic, runner=_runner, problem=_problem,
+    sources=[_matmul_fwd_kernel, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -52,11 +102,13 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                   activation: str | None = None, store_preact: bool = False,
-                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  out: torch.Tensor | None = None, config: Config | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """c = activation(a @ b + bias) for a (B, M, K), b (B, K, N), any strides.
 
     Returns (c, z) with z the pre-activation when `store_preact`, else None.
     `out`, if given, is a (B, M, N) buffer of any strides to write c into.
+    `config` overrides the tuner's choice (benchmarks, tuning).
     """
     B, M, K = a.shape
     N = b.shape[2]
@@ -64,7 +116,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     z = runtime.new_output((B, M, N), a.dtype, a.device) if store_preact else None
     if c.numel() == 0:
         return c, z
-    cfg = matmul_config(M, N, K, a.dtype)
+    cfg = config or MATMUL_TUNER.select(matmul_key(M, N, K, a, b, bias is not None or activation is not None))
     meta = cfg.meta
     grid = (B * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_fwd_kernel[grid](
@@ -228,3 +280,24 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     c = MatmulFunction.apply(x2.unsqueeze(0), w.t().unsqueeze(0), b, activation)
     out_shape = (*input.shape[:-1], N) if weight.dim() == 2 else input.shape[:-1]
     return c.view(out_shape)
+
+
+# --------------------------------------------------------------------------- the `autotune` command
+
+LLM_SHAPES = [(m, n, k) for m in (1, 16, 128, 1024, 4096, 8192)
+              for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))]
+
+
+def _tune_keys(layout_b_kmajor: bool, epilogue: bool):
+    def keys(shape: tuple, dtype: str):
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
+        M, N, K = shape
+        return [(MATMUL_TUNER, (bucket(M), N, K, dtype, True, layout_b_kmajor, epilogue))]
+    return keys
+
+
+register(TunableOp("matmul", "MxNxK", _tune_keys(False, False), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
+                   help="C = A @ B, A (M, K) and B (K, N) row-major"))
+register(TunableOp("linear", "MxNxK", _tune_keys(True, False), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
+                   help="F.linear: x (M, K) @ weight (N, K)^T"))

@@ -1,0 +1,212 @@
+"""The `autotune` command: tune ahead of time, show, export, import and clear the cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _prepare_backend() -> bool:
+    """Without a GPU, kernels run under Triton's interpreter; set it before any kernel is decorated."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        return False
+    return True
+
+
+def _parse_shapes(text: str, dims: str) -> list[tuple]:
+    n = len(dims.split("x"))
+    shapes = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            shape = tuple(int(v) for v in part.split("x"))
+        except ValueError:
+            raise SystemExit(f"autotune: bad shape {part!r}: expected {dims} with whole numbers, e.g. "
+                             f"{'x'.join(['1024'] * n)}") from None
+        if len(shape) != n or any(v < 1 for v in shape):
+            raise SystemExit(f"autotune: bad shape {part!r}: expected {n} positive dims {dims}")
+        shapes.append(shape)
+    return shapes
+
+
+def cmd_tune(args, registry) -> int:
+    from tqdm import tqdm
+
+    from .device import device_fingerprint, gpu_available
+
+    ops = args.ops or sorted(registry)
+    unknown = [o for o in ops if o not in registry]
+    if unknown:
+        print(f"autotune: unknown op(s) {unknown}; known: {sorted(registry)}", file=sys.stderr)
+        return 2
+    if not gpu_available():
+        print("autotune: no GPU: kernels run under the Triton interpreter and the times below are "
+              "CPU wall-clock times of the interpreter, not GPU timings.")
+    print(f"device: {device_fingerprint()}")
+    jobs = []
+    for name in ops:
+        op = registry[name]
+        if args.shapes:
+            shapes = _parse_shapes(args.shapes, op.dims)
+        elif args.preset:
+            if args.preset not in op.presets:
+                print(f"autotune: op {name} has no preset {args.preset!r}; it has {sorted(op.presets)}",
+                      file=sys.stderr)
+                return 2
+            shapes = op.presets[args.preset]
+        else:
+            print(f"autotune: give --shapes ({op.dims}) or --preset ({', '.join(sorted(op.presets))}) for {name}",
+                  file=sys.stderr)
+            return 2
+        dtypes = args.dtype.split(",") if args.dtype else list(op.dtypes)
+        for shape in shapes:
+            for dtype in dtypes:
+                try:
+                    pairs = op.keys(shape, dtype)
+                except ValueError as e:
+                    print(f"autotune: {name}: {e}", file=sys.stderr)
+                    return 2
+                jobs += [(name, shape, dtype, tuner, key) for tuner, key in pairs]
+    rows = []
+    bar = tqdm(total=len(jobs), desc="tuning", unit="key", disable=args.quiet or None)
+    for name, shape, dtype, tuner, key in jobs:
+        bar.set_postfix_str(f"{name} {'x'.join(map(str, shape))} {dtype}")
+        entry = tuner.tune(key, strategy=args.strategy, max_evals=args.budget, max_seconds=args.seconds)
+        bar.update(1)
+        rows.append((tuner.name, key, entry))
+    bar.close()
+    _print_table(rows)
+    return 0 if all(e is not None for _, _, e in rows) else 1
+
+
+def _print_table(rows) -> None:
+    print(f"\n{'kernel':14s} {'key':44s} {'winner':52s} {'ms':>9s} {'vs default':>10s} {'evals':>5s}")
+    for kernel, key, entry in rows:
+        if entry is None:
+            print(f"{kernel:14s} {str(key):44s} {'(no config ran)':52s}")
+            continue
+        win = ",".join(f"{k}={v}" for k, v in entry["winner"].items())
+        ms = entry["timing"]["p50"]
+        dflt = entry.get("default", {}).get("timing", {}).get("p50")
+        speedup = f"{dflt / ms:9.2f}x" if dflt and ms else "      n/a"
+        print(f"{kernel:14s} {str(key):44s} {win:52s} {ms:9.4f} {speedup:>10s} "
+              f"{entry['provenance'].get('evaluations', 0):5d}")
+
+
+def cmd_show(args, cache) -> int:
+    files = cache.files(kernel=args.kernel)
+    if args.json:
+        print(json.dumps([f.to_dict() for f in files], indent=1, sort_keys=True))
+        return 0
+    if not files:
+        print(f"no tuned configs in {cache.root}" + (f" for kernel {args.kernel}" if args.kernel else ""))
+        return 0
+    for f in files:
+        entries = f.read()
+        print(f"{f.header['fingerprint']} / {f.header['identity']}: {len(entries)} key(s)")
+        for key, entry in sorted(entries.items()):
+            win = ",".join(f"{k}={v}" for k, v in entry.get("winner", {}).items())
+            ms = entry.get("timing", {}).get("p50", float("nan"))
+            print(f"  {key:44s} {win:52s} {ms:9.4f} ms")
+    return 0
+
+
+def cmd_info(args, cache) -> int:
+    import triton
+
+    from .device import device_fingerprint, device_properties, gpu_available
+    from .tuner import default_mode
+
+    props = device_properties()
+    print(f"device:       {props['name']} (sm{props['capability'][0]}{props['capability'][1]})"
+          + ("" if gpu_available() else "  [no GPU: Triton interpreter; timings are not GPU timings]"))
+    print(f"fingerprint:  {device_fingerprint()}")
+    print(f"cache dir:    {cache.root}")
+    try:
+        mode = default_mode()
+    except ValueError as e:
+        mode = f"invalid ({e})"
+    print(f"mode:         {mode}  (TRITONOPS_AUTOTUNE)")
+    print(f"triton:       {triton.__version__}")
+    print(f"torch:        {torch.__version__}")
+    return 0
+
+
+def build_parser(registry) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autotune", description="Tune Triton kernels per GPU and keep the winners.")
+    parser.add_argument("--cache-dir", help="cache directory (default: $TRITONOPS_CACHE_DIR or ~/.cache/tritonops)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ops_help = "; ".join(f"{o.name} ({o.dims})" for o in registry.values()) or "none registered"
+    t = sub.add_parser("tune", help="tune ops for shapes ahead of time", description=f"ops and their dims: {ops_help}")
+    t.add_argument("ops", nargs="*", help="ops to tune (default: all)")
+    t.add_argument("--shapes", help="shapes as the op's dims joined by x, comma-separated, e.g. 4096x4096x4096,1x4096x11008")
+    t.add_argument("--preset", help="a named shape preset of the op")
+    t.add_argument("--dtype", help="comma-separated dtypes (default: the op's)")
+    t.add_argument("--strategy", default="local", choices=["exhaustive", "random", "local"])
+    t.add_argument("--budget", type=int, help="at most this many configs timed per key")
+    t.add_argument("--seconds", type=float, help="at most this many seconds per key")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("show", help="list tuned configs")
+    s.add_argument("--kernel")
+    s.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("export", help="write the cache (or one kernel's part) to one bundle file")
+    e.add_argument("file")
+    e.add_argument("--kernel")
+    e.add_argument("--all-devices", action="store_true", help="every device's configs, not only this one's")
+
+    i = sub.add_parser("import", help="merge a bundle into the cache, keeping the faster of two entries")
+    i.add_argument("file")
+
+    c = sub.add_parser("clear", help="delete tuned configs")
+    c.add_argument("--kernel")
+
+    sub.add_parser("info", help="device fingerprint, cache dir, mode, versions")
+    return parser
+
+
+def main(argv=None) -> int:
+    _prepare_backend()
+    from .cache import CacheDir
+    from .device import device_fingerprint
+    from .registry import REGISTRY, load_plugins
+
+    failed = load_plugins()
+    for f in failed:
+        print(f"autotune: warning: plugin not loaded: {f}", file=sys.stderr)
+    args = build_parser(REGISTRY).parse_args(argv)
+    if args.cache_dir:
+        os.environ["TRITONOPS_CACHE_DIR"] = args.cache_dir
+    cache = CacheDir(args.cache_dir)
+    if args.command == "tune":
+        return cmd_tune(args, REGISTRY)
+    if args.command == "show":
+        return cmd_show(args, cache)
+    if args.command == "export":
+        n = cache.export(args.file, None if args.all_devices else device_fingerprint(), args.kernel)
+        print(f"exported {n} entr{'y' if n == 1 else 'ies'} to {args.file}")
+        return 0
+    if args.command == "import":
+        try:
+            n = cache.import_bundle(args.file)
+        except (OSError, ValueError) as e:
+            print(f"autotune: {e}", file=sys.stderr)
+            return 2
+        print(f"imported {n} entr{'y' if n == 1 else 'ies'} into {cache.root}")
+        return 0
+    if args.command == "clear":
+        n = cache.clear(args.kernel)
+        print(f"removed {n} cache file(s) from {cache.root}")
+        return 0
+    return cmd_info(args, cache)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""A search space: value lists per parameter, constraints, and pruning for a device."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import Config
+
+Problem = Mapping[str, Any]
+Constraint = Callable[[Config, Problem], bool]
+
+
+class Space:
+    """The candidate configs of one kernel.
+
+    params:        meta-parameter -> values, in the order that breaks ties (smaller first).
+    num_warps, num_stages: launch option values.
+    constraints:   predicates (config, problem) -> bool; a config failing one is dropped.
+    smem_bytes:    (config, problem) -> shared memory the config needs; dropped above the device's limit.
+    block_dims:    meta-parameter -> problem dim it tiles; a block more than the next power of
+                   two of that dim (the smallest block covering it) is dropped.
+    dot_params:    meta-parameters that are `tl.dot` operand sizes: must be at least 16.
+    version:       bump it when the meaning of a config changes; cached winners of an
+                   older version are then ignored. Editing value lists needs no bump.
+    """
+
+    def __init__(self, params: Mapping[str, Sequence[Any]], num_warps: Sequence[int] = (4, 8),
+                 num_stages: Sequence[int] = (3,), constraints: Sequence[Constraint] = (),
+                 smem_bytes: Callable[[Config, Problem], int] | None = None,
+                 block_dims: Mapping[str, str] | None = None, dot_params: Sequence[str] = (),
+                 version: int = 1):
+        self.params = {k: list(v) for k, v in params.items()}
+        self.num_warps = list(num_warps)
+        self.num_stages = list(num_stages)
+        self.constraints = list(constraints)
+        self.smem_bytes = smem_bytes
+        self.block_dims = dict(block_dims or {})
+        self.dot_params = list(dot_params)
+        self.version = version
+
+    def all_configs(self) -> list[Config]:
+        names = list(self.params)
+        out = []
+        for values in itertools.product(*self.params.values(), self.num_warps, self.num_stages):
+            *meta, warps, stages = values
+            out.append(Config(dict(zip(names, meta)), num_warps=warps, num_stages=stages))
+        return out
+
+    def valid(self, config: Config, problem: Problem | None = None, limits: Mapping[str, Any] | None = None) -> bool:
+        problem = problem or {}
+        for name in self.dot_params:
+            if config[name] < 16:
+                return False
+        for name, dim in self.block_dims.items():
+            if dim in problem and config[name] > max(16, _next_pow2(problem[dim])):
+                return False
+        if self.smem_bytes is not None and limits is not None:
+            if self.smem_bytes(config, problem) > limits["max_shared_mem"]:
+                return False
+        if limits is not None and config.num_warps * limits.get("warp_size", 32) > 1024:
+            return False
+        return all(c(config, problem) for c in self.constraints)
+
+    def configs(self, problem: Problem | None = None, limits: Mapping[str, Any] | None = None) -> list[Config]:
+        """The configs that can run `problem` on a device with `limits`, in tie-break order."""
+        return sorted((c for c in self.all_configs() if self.valid(c, problem, limits)), key=self.order)
+
+    def order(self, config: Config) -> tuple:
+        """The fixed tie-break order: parameters as listed (smaller first), then warps, then stages."""
+        return tuple(config[name] for name in self.params) + (config.num_warps, config.num_stages)
+
+    def neighbours(self, config: Config) -> list[Config]:
+        """Configs that differ from `config` in one parameter by one step of its value list."""
+        out = []
+        axes = {**self.params, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        for name, values in axes.items():
+            try:
+                i = values.index(config[name])
+            except (ValueError, KeyError):
+                continue
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(values):
+                    out.append(config.replace(**{name: values[j]}))
+        return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+class ConfigList(Space):
+    """A space given as an explicit list of configs (as `triton.autotune` takes them).
+
+    The list's order is the tie-break order; neighbours differ in one field.
+    """
+
+    def __init__(self, configs, version: int = 1, **kwargs):
+        configs = [as_config(c) for c in configs]
+        if not configs:
+            raise ValueError("a config list needs at least one config")
+        names = sorted({n for c in configs for n in c.meta})
+        super().__init__({n: sorted({c.get(n) for c in configs if c.get(n) is not None}) for n in names},
+                         num_warps=sorted({c.num_warps for c in configs}),
+                         num_stages=sorted({c.num_stages for c in configs}), version=version, **kwargs)
+        self._configs = configs
+        self._index = {c: i for i, c in enumerate(configs)}
+
+    def all_configs(self):
+        return list(self._configs)
+
+    def order(self, config):
+        return (self._index.get(config, len(self._index)),) + super().order(config)
+
+    def neighbours(self, config):
+        fields = lambda c: {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}  # noqa: E731
+        mine = fields(config)
+        return [c for c in self._configs
+                if sum(1 for k, v in fields(c).items() if mine.get(k) != v) == 1]
+
+
+def as_config(c) -> Config:
+    """An autotune.Config from itself, a dict, or a triton.Config."""
+    if isinstance(c, Config):
+        return c
+    if isinstance(c, dict):
+        return Config.from_dict(c)
+    if hasattr(c, "kwargs") and hasattr(c, "num_warps"):  # triton.Config
+        return Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+    raise TypeError(f"not a config: {c!r}")
