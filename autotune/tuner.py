@@ -182,8 +182,10 @@ class Tuner:
         return _device.device_fingerprint()
 
     def kernel_file(self):
-        if self._file is None:
-            self._file = CacheDir(self.cache_dir).kernel_file(self.fingerprint(), self.name, self.identity)
+        cache = CacheDir(self.cache_dir)  # resolved each time: $TRITONOPS_CACHE_DIR may change
+        if self._file is None or self._file.path.parent.parent != cache.root:
+            self._file = cache.kernel_file(self.fingerprint(), self.name, self.identity)
+            self._user = None
         return self._file
 
     def user_entries(self) -> dict[str, dict]:

@@ -1,0 +1,394 @@
+"""The autotuner with injected timers: no GPU timing is involved anywhere here."""
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import autotune
+from autotune import CacheDir, Config, ConfigList, Space, Timing, Tuner, bucket, make_strategy
+from autotune.cache import encode_key
+
+# --------------------------------------------------------------------------- a synthetic kernel
+
+SPACE = Space({"BLOCK": [16, 32, 64, 128, 256], "SPLIT": [1, 2, 4]}, num_warps=[2, 4, 8], num_stages=[1, 2, 3])
+BEST = Config({"BLOCK": 64, "SPLIT": 2}, num_warps=4, num_stages=2)
+
+
+def landscape_ms(config: Config) -> float:
+    """A bowl with its bottom at BEST (steps along each value list), plus a ripple."""
+    d = 0.0
+    for name, best in [("BLOCK", 64), ("SPLIT", 2), ("num_warps", 4), ("num_stages", 2)]:
+        d += abs(config[name].bit_length() - best.bit_length()) if name != "num_stages" else abs(config[name] - best)
+    return 1.0 + 0.3 * d + 0.01 * (config["BLOCK"] % 3)
+
+
+class CountingTimer:
+    def __init__(self, ms=landscape_ms):
+        self.ms = ms
+        self.calls = []
+
+    def __call__(self, run, config, key):
+        run()
+        self.calls.append(config)
+        t = self.ms(config)
+        return Timing(t * 0.99, t, t * 1.01)
+
+
+def make_tuner(tmp_path, timer=None, mode="on", wrong=None, broken=None, sources=("v1",), space=SPACE, **kw):
+    def runner(key):
+        def launch(config):
+            if broken is not None and config == broken:
+                raise RuntimeError("out of resources: shared memory")
+            value = 2.0 if (wrong is not None and config == wrong) else 1.0
+            return torch.full((3,), value)
+        return launch
+
+    return Tuner("synthetic", space, lambda key: Config({"BLOCK": 16, "SPLIT": 1}, num_warps=4, num_stages=1),
+                 runner=runner, sources=list(sources), timer=timer or CountingTimer(), mode=mode,
+                 cache_dir=tmp_path, strategy=kw.pop("strategy", "exhaustive"), **kw)
+
+
+# --------------------------------------------------------------------------- Config and Space
+
+
+def test_config_round_trips_through_json_by_field_names():
+    c = Config({"BLOCK_M": 128, "BLOCK_N": 64, "EVEN": True}, num_warps=8, num_stages=4)
+    text = c.to_json()
+    assert json.loads(text) == {"BLOCK_M": 128, "BLOCK_N": 64, "EVEN": True, "num_warps": 8, "num_stages": 4}
+    assert Config.from_json(text) == c and hash(Config.from_json(text)) == hash(c)
+    with pytest.raises(ValueError):
+        Config.from_dict({"BLOCK": [1, 2]})
+    with pytest.raises(AttributeError):
+        c.num_warps = 2
+    assert autotune.space.as_config(triton.Config({"BLOCK": 32}, num_warps=2, num_stages=1)) == \
+        Config({"BLOCK": 32}, num_warps=2, num_stages=1)
+
+
+def test_space_prunes_what_cannot_run():
+    space = Space({"BLOCK_M": [8, 16, 64, 256], "BLOCK_K": [16, 128]}, num_warps=[4, 64], num_stages=[2, 8],
+                  smem_bytes=lambda c, p: c["BLOCK_M"] * c["BLOCK_K"] * 2 * c.num_stages,
+                  block_dims={"BLOCK_M": "M"}, dot_params=["BLOCK_M"])
+    limits = {"max_shared_mem": 100 * 1024, "warp_size": 32}
+    configs = space.configs({"M": 50}, limits)
+    assert configs, "something must survive"
+    for c in configs:
+        assert c["BLOCK_M"] >= 16  # tl.dot operands of at least 16
+        assert c["BLOCK_M"] <= 64  # no block past next_pow2(M)
+        assert c["BLOCK_M"] * c["BLOCK_K"] * 2 * c.num_stages <= limits["max_shared_mem"]
+        assert c.num_warps * 32 <= 1024
+    assert Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=8) not in configs  # 128 KB
+    assert configs == sorted(configs, key=space.order)
+
+
+def test_bucketing():
+    assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def run_strategy(name, **kwargs):
+    configs = SPACE.configs()
+    s = make_strategy(name, configs, start=Config({"BLOCK": 16, "SPLIT": 1}, num_warps=2, num_stages=1),
+                      neighbours=SPACE.neighbours, seed=3, **kwargs)
+    while (c := s.ask()) is not None:
+        s.tell(c, landscape_ms(c))
+    return s
+
+
+@pytest.mark.parametrize("name", ["exhaustive", "local"])
+def test_strategies_find_the_known_best(name):
+    s = run_strategy(name)
+    assert s.best()[0] == BEST
+
+
+def test_random_sample_with_a_full_budget_finds_the_best_and_respects_budgets():
+    assert run_strategy("random").best()[0] == BEST
+    assert run_strategy("random", max_evals=7).evaluations == 7
+    assert run_strategy("random", max_seconds=0.0).evaluations == 0
+
+
+def test_local_search_needs_a_fraction_of_the_evaluations():
+    exhaustive, local = run_strategy("exhaustive"), run_strategy("local")
+    assert local.best()[0] == exhaustive.best()[0] == BEST
+    assert local.evaluations < exhaustive.evaluations / 3
+
+
+def test_local_search_survives_a_failing_start():
+    configs = SPACE.configs()
+    s = make_strategy("local", configs, start=configs[0], neighbours=SPACE.neighbours)
+    while (c := s.ask()) is not None:
+        s.tell(c, None if c == configs[0] else landscape_ms(c))
+    assert s.best()[0] == BEST
+
+
+def test_unknown_strategy_is_named():
+    with pytest.raises(ValueError, match="unknown strategy 'annealing'"):
+        make_strategy("annealing", SPACE.configs())
+
+
+# --------------------------------------------------------------------------- Tuner
+
+
+def test_tune_once_then_remember(tmp_path):
+    timer = CountingTimer()
+    tuner = make_tuner(tmp_path, timer)
+    key = (bucket(1000), 4096, "float16")
+    assert tuner.select(key) == BEST
+    n = len(timer.calls)
+    assert tuner.sources[key] == "tuned" and n > 0
+    assert tuner.select(key) == BEST and len(timer.calls) == n  # memory
+    again = make_tuner(tmp_path, timer)  # a fresh tuner (as a new process would be) reads the file
+    assert again.select(key) == BEST and len(timer.calls) == n
+    assert again.sources[key] == "user-cache"
+
+
+def test_entry_keeps_timing_runners_up_and_provenance(tmp_path):
+    tuner = make_tuner(tmp_path)
+    entry = tuner.tune((1, "float32"))
+    assert Config.from_dict(entry["winner"]) == BEST
+    assert set(entry["timing"]) == {"p20", "p50", "p80"}
+    assert len(entry["runners_up"]) == 5 and all("timing" in r for r in entry["runners_up"])
+    assert len(entry["timings"]) == len(SPACE.configs())
+    prov = entry["provenance"]
+    assert {"date", "torch", "triton", "driver", "device", "strategy", "evaluations"} <= set(prov)
+
+
+def test_wrong_and_failing_configs_never_win(tmp_path):
+    tuner = make_tuner(tmp_path, wrong=BEST, broken=Config({"BLOCK": 64, "SPLIT": 2}, num_warps=4, num_stages=1))
+    entry = tuner.tune((7,))
+    assert Config.from_dict(entry["winner"]) not in (BEST, Config({"BLOCK": 64, "SPLIT": 2}, num_warps=4,
+                                                                   num_stages=1))
+    errors = {json.dumps(t["config"], sort_keys=True): t.get("error") for t in entry["timings"]}
+    assert "wrong result" in errors[json.dumps(BEST.to_dict(), sort_keys=True)]
+    broken = Config({"BLOCK": 64, "SPLIT": 2}, num_warps=4, num_stages=1)
+    assert "out of resources" in errors[json.dumps(broken.to_dict(), sort_keys=True)]
+
+
+def test_ties_break_in_a_fixed_order(tmp_path):
+    flat = CountingTimer(lambda c: 1.0 + 0.001 * (hash(c) % 7))  # all within the 1% tie margin
+    winners = {Config.from_dict(make_tuner(tmp_path / str(i), flat).tune((1,))["winner"]) for i in range(3)}
+    assert winners == {SPACE.configs()[0]}
+
+
+def test_cached_mode_never_times_and_uses_the_nearest_key(tmp_path):
+    make_tuner(tmp_path).tune((bucket(1024), 4096, "float16"))
+
+    def no_timing(run, config, key):
+        raise AssertionError("cached mode must never time")
+
+    cached = make_tuner(tmp_path, no_timing, mode="cached")
+    assert cached.select((bucket(2048), 4096, "float16")) == BEST
+    assert cached.sources[(2048, 4096, "float16")] == "nearest"
+    default = cached.default(None)
+    assert cached.select((bucket(2048), 4096, "bfloat16")) == default  # another dtype is no neighbour
+    assert make_tuner(tmp_path, no_timing, mode="off").select((bucket(1024), 4096, "float16")) == default
+
+
+def test_mode_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONOPS_AUTOTUNE", "cached")
+    assert autotune.default_mode() == "cached"
+    monkeypatch.setenv("TRITONOPS_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="TRITONOPS_AUTOTUNE"):
+        autotune.default_mode()
+    monkeypatch.delenv("TRITONOPS_AUTOTUNE")
+    assert autotune.default_mode() == "off"  # under the interpreter there is no meaningful timing
+
+
+def test_changed_kernel_source_never_reuses_stale_winners(tmp_path):
+    make_tuner(tmp_path, sources=("def kernel(): v1",)).tune((5,))
+    timer = CountingTimer()
+    edited = make_tuner(tmp_path, timer, sources=("def kernel(): v2",))
+    edited.select((5,))
+    assert edited.sources[(5,)] == "tuned" and timer.calls
+
+
+def test_editing_the_candidate_list_keeps_measured_timings(tmp_path):
+    make_tuner(tmp_path).tune((5,))
+    wider = Space({"BLOCK": [16, 32, 64, 128, 256, 512], "SPLIT": [1, 2, 4]}, num_warps=[2, 4, 8],
+                  num_stages=[1, 2, 3])
+    timer = CountingTimer()
+    entry = make_tuner(tmp_path, timer, space=wider).tune((5,))
+    assert Config.from_dict(entry["winner"]) == BEST
+    assert timer.calls and all(c["BLOCK"] == 512 for c in timer.calls)  # only the new ones were timed
+
+
+def test_corrupt_cache_file_is_a_warning_and_a_rebuild(tmp_path):
+    tuner = make_tuner(tmp_path)
+    tuner.tune((5,))
+    path = tuner.kernel_file().path
+    path.write_text('{"format": "autotune-cache-1", "entries": {')
+    fresh = make_tuner(tmp_path)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert fresh.select((5,)) == BEST  # tuned again
+    assert json.loads(path.read_text())["entries"]  # rebuilt
+    path.write_text(json.dumps({"format": "something-else", "entries": {}}))
+    with pytest.warns(RuntimeWarning, match="another format"):
+        make_tuner(tmp_path, mode="cached").select((6,))
+
+
+def test_shipped_configs_are_used_for_their_device(tmp_path):
+    user = make_tuner(tmp_path / "tuning")
+    user.tune((5,))
+    bundle = tmp_path / "shipped.json"
+    CacheDir(tmp_path / "tuning").export(bundle)
+    shipped = make_tuner(tmp_path / "user", mode="cached", shipped=[bundle])
+    assert shipped.select((5,)) == BEST and shipped.sources[(5,)] == "shipped"
+
+
+# --------------------------------------------------------------------------- across processes
+
+
+def _writer(cache_dir, worker, keys, queue):
+    try:
+        tuner = make_tuner(Path(cache_dir), strategy="random", max_evals=3)
+        for k in keys:
+            tuner.tune((k,))
+        queue.put(None)
+    except BaseException as e:  # noqa: BLE001
+        queue.put(repr(e))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    shared = list(range(4))  # every worker writes these keys...
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, shared + [100 + 10 * w + i for i in range(6)], queue))
+             for w in range(5)]  # ...and six of its own
+    for p in procs:
+        p.start()
+    errors = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert errors == [None] * len(procs)
+    entries = make_tuner(tmp_path).user_entries()
+    expected = {encode_key((k,)) for k in shared} | {encode_key((100 + 10 * w + i,)) for w in range(5) for i in range(6)}
+    assert set(entries) == expected
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+SUBPROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_autotune import make_tuner, CountingTimer
+from pathlib import Path
+mode = sys.argv[1]
+def no_timing(run, config, key):
+    raise SystemExit("timed in cached mode")
+t = make_tuner(Path({cache!r}), CountingTimer() if mode == "on" else no_timing, mode=mode)
+print(t.select((9,)), t.sources[(9,)])
+"""
+
+
+def test_cache_survives_across_processes(tmp_path):
+    script = SUBPROCESS.format(root=str(Path(__file__).resolve().parents[1]), cache=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", script, "on"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([sys.executable, "-c", script, "cached"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.split()[-1] == "tuned" and second.stdout.split()[-1] == "user-cache"
+    assert first.stdout.rsplit(" ", 1)[0] == second.stdout.rsplit(" ", 1)[0] == repr(BEST)
+
+
+# --------------------------------------------------------------------------- the decorator
+
+
+@triton.jit
+def _add_into_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(out_ptr + offs, mask=mask) + tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def test_decorator_tunes_on_scratch_copies(tmp_path):
+    timer = CountingTimer(lambda c: {16: 3.0, 32: 1.0, 64: 2.0}[c["BLOCK"]])
+    kernel = autotune.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32, 64)],
+                               key=["n"], bucket=["n"], timer=timer, mode="on", cache_dir=tmp_path)(_add_into_kernel)
+    x = torch.randn(100)
+    out = torch.ones(100)
+    kernel[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, out, 100)
+    assert torch.equal(out, 1 + x)  # written once, by the winner; tuning ran on copies
+    assert kernel.tuner.select((128, "float32", "float32")) == Config({"BLOCK": 32}, num_warps=1, num_stages=3)
+    assert len(timer.calls) == 3
+    kernel[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, out, 100)
+    assert len(timer.calls) == 3 and torch.equal(out, (1 + x) + x)
+
+
+def test_decorator_rejects_unknown_key_names():
+    with pytest.raises(ValueError, match="not arguments"):
+        autotune.autotune(configs=[{"BLOCK": 16}], key=["m"])(_add_into_kernel)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_cli(*args, cache):
+    env = {**os.environ, "TRITONOPS_CACHE_DIR": str(cache)}
+    env.pop("TRITON_INTERPRET", None)  # the command chooses the interpreter itself without a GPU
+    return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_cli_end_to_end(tmp_path):
+    cache = tmp_path / "cache"
+    r = run_cli("info", cache=cache)
+    assert r.returncode == 0 and "fingerprint" in r.stdout and "not GPU timings" in r.stdout
+    r = run_cli("tune", "matmul", "--shapes", "20x24x40", "--dtype", "float16", "--budget", "3", "--quiet",
+                cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert "not GPU timings" in r.stdout and "matmul" in r.stdout.splitlines()[-1]
+    r = run_cli("show", "--json", cache=cache)
+    files = json.loads(r.stdout)
+    assert len(files) == 1 and list(files[0]["entries"]) == ['[32, 24, 40, "float16", true, false, false]']
+    bundle = tmp_path / "bundle.json"
+    assert run_cli("export", str(bundle), cache=cache).returncode == 0
+    r = run_cli("clear", cache=cache)
+    assert r.returncode == 0 and "removed 1" in r.stdout
+    assert "no tuned configs" in run_cli("show", cache=cache).stdout
+    r = run_cli("import", str(bundle), cache=cache)
+    assert r.returncode == 0 and "imported 1 entry" in r.stdout
+    assert json.loads(run_cli("show", "--json", cache=cache).stdout) == files
+
+
+@pytest.mark.parametrize("args, message", [
+    (("tune", "matmul", "--shapes", "20x24"), "expected 3 positive dims MxNxK"),
+    (("tune", "matmul", "--shapes", "axbxc"), "bad shape"),
+    (("tune", "nosuchop", "--shapes", "1x1x1"), "unknown op"),
+    (("tune", "matmul", "--preset", "nosuch"), "no preset"),
+    (("tune", "matmul"), "give --shapes"),
+    (("tune", "matmul", "--shapes", "8x8x8", "--dtype", "int8"), "dtype"),
+    (("import", "/nonexistent.json"), "not an autotune bundle"),
+])
+def test_cli_bad_arguments(tmp_path, monkeypatch, capsys, args, message):
+    from autotune import cli
+
+    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path))
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    assert code not in (0, None)
+    assert message in out.err + out.out + str(code)
+
+
+def test_import_keeps_the_faster_entry(tmp_path):
+    fast, slow = make_tuner(tmp_path / "a"), make_tuner(tmp_path / "b", CountingTimer(lambda c: 5.0))
+    fast.tune((5,))
+    slow.tune((5,))
+    CacheDir(tmp_path / "a").export(tmp_path / "fast.json")
+    CacheDir(tmp_path / "b").import_bundle(tmp_path / "fast.json")
+    assert make_tuner(tmp_path / "b", mode="cached").select((5,)) == BEST
+    CacheDir(tmp_path / "b").import_bundle(tmp_path / "fast.json")  # importing again changes nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_tuner(tmp_path / "b", mode="cached").select((5,)) == BEST
