@@ -392,3 +392,14 @@ def test_import_keeps_the_faster_entry(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_tuner(tmp_path / "b", mode="cached").select((5,)) == BEST
+
+
+def test_replay_benchmark_on_the_synthetic_table():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+    import replay
+
+    table = replay.synthetic_table()
+    key = next(iter(table["keys"]))
+    result = replay.replay({**table, "keys": {key: table["keys"][key]}})["keys"][key]["strategies"]
+    assert result["local"]["reached"] == 1.0 and result["exhaustive"]["reached"] == 1.0
+    assert result["local"]["evaluations_to_within"] < result["exhaustive"]["evaluations_to_within"]
