@@ -1,7 +1,5 @@
 """matmul and linear (with a fused bias + activation epilogue), forward and backward."""
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -165,38 +163,10 @@ def launch_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor | None, activation: st
     return dz, dbias
 
 
-# --------------------------------------------------------------------------- autograd
-
-
-class MatmulFunction(torch.autograd.Function):
-    """activation(a @ b + bias) on canonical operands: a (B, M, K), b (B, K, N), bias (N,)."""
-
-    @staticmethod
-    def forward(ctx, a, b, bias, activation):
-        store_preact = activation is not None and any(ctx.needs_input_grad[:3])
-        c, z = launch_matmul(a, b, bias, activation, store_preact=store_preact)
-        ctx.activation = activation
-        ctx.save_for_backward(a, b, z)
-        return c
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dc):
-        a, b, z = ctx.saved_tensors
-        need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        B, M, N = dc.shape
-        dz2, dbias = launch_epilogue_bwd(dc.reshape(B * M, N), z.view(B * M, N) if z is not None else None,
-                                         ctx.activation, need_bias)
-        dz = dz2.view(B, M, N) if ctx.activation else dc
-        da = db = None
-        if need_a:  # dA = dZ @ B^T, B^T read through its strides
-            da, _ = launch_matmul(dz, b.mT, out=runtime.new_output_like(a))
-        if need_b:  # dB = A^T @ dZ, written in B's layout
-            db, _ = launch_matmul(a.mT, dz, out=runtime.new_output_like(b))
-        return da, db, dbias, None
-
-
-# --------------------------------------------------------------------------- public ops
+# --------------------------------------------------------------------------- torch.library ops
+# The ops take real tensors and launch kernels; their fake implementations give
+# torch.compile the output shapes, and their autograd formulas call the backward
+# ops, so a compiled graph holds our kernels, forward and backward, unbroken.
 
 
 def _as_batched(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -207,38 +177,6 @@ def _as_batched(t: torch.Tensor, batch: int) -> torch.Tensor:
         return t.view(batch, *t.shape[-2:])
     except RuntimeError:  # broadcast dims that no single stride describes: copy
         return t.reshape(batch, *t.shape[-2:])
-
-
-def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides."""
-    dtype, device = check_same("matmul", {"input": input, "other": other})
-    if input.dim() == 0 or other.dim() == 0:
-        raise RuntimeError(
-            f"both arguments to matmul need to be at least 1D, but they are {input.dim()}D and {other.dim()}D")
-    if use_reference("matmul", device):
-        return reference.matmul(input, other)
-
-    a = input.unsqueeze(0) if input.dim() == 1 else input
-    b = other.unsqueeze(-1) if other.dim() == 1 else other
-    (M, K), (K2, N) = a.shape[-2:], b.shape[-2:]
-    if K != K2:
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({M}x{K} and {K2}x{N})")
-    batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a_batch = a.shape[:-2]
-    if b.dim() == 2 and a.dim() > 2 and _foldable(a):
-        # b is shared by every batch: fold a's batch into M, one problem instead of many
-        c = MatmulFunction.apply(a.reshape(1, -1, K), b.unsqueeze(0), None, None)
-    else:
-        nbatch = batch_shape.numel()
-        a3 = _as_batched(a.expand(*batch_shape, M, K), nbatch)
-        b3 = _as_batched(b.expand(*batch_shape, K, N), nbatch)
-        c = MatmulFunction.apply(a3, b3, None, None)
-    c = c.view(*batch_shape, M, N) if a_batch or b.dim() > 2 else c.view(M, N)
-    if input.dim() == 1:
-        c = c.squeeze(-2)
-    if other.dim() == 1:
-        c = c.squeeze(-1)
-    return c
 
 
 def _foldable(a: torch.Tensor) -> bool:
@@ -253,6 +191,172 @@ def _foldable(a: torch.Tensor) -> bool:
     return True
 
 
+def _matmul_shape(input: torch.Tensor, other: torch.Tensor) -> list:
+    batch = torch.broadcast_shapes(input.shape[:-2] if input.dim() > 1 else (),
+                                   other.shape[:-2] if other.dim() > 1 else ())
+    rows = [input.shape[-2]] if input.dim() > 1 else []
+    cols = [other.shape[-1]] if other.dim() > 1 else []
+    return [*batch, *rows, *cols]
+
+
+def _matmul_impl(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    a = input.unsqueeze(0) if input.dim() == 1 else input
+    b = other.unsqueeze(-1) if other.dim() == 1 else other
+    (M, K), N = a.shape[-2:], b.shape[-1]
+    batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if b.dim() == 2 and a.dim() > 2 and _foldable(a):
+        # b is shared by every batch: fold a's batch into M, one problem instead of many
+        c, _ = launch_matmul(a.reshape(1, -1, K), b.unsqueeze(0))
+    else:
+        nbatch = batch_shape.numel()
+        c, _ = launch_matmul(_as_batched(a.expand(*batch_shape, M, K), nbatch),
+                             _as_batched(b.expand(*batch_shape, K, N), nbatch))
+    return c.view(_matmul_shape(input, other))
+
+
+@torch.library.custom_op("tritonops::matmul", mutates_args=())
+def matmul_op(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """torch.matmul on our kernels (validated inputs)."""
+    return _matmul_impl(input, other)
+
+
+@matmul_op.register_fake
+def _(input, other):
+    return input.new_empty(_matmul_shape(input, other))
+
+
+@torch.library.custom_op("tritonops::matmul_backward", mutates_args=())
+def matmul_backward_op(grad: torch.Tensor, input: torch.Tensor, other: torch.Tensor,
+                       need_input: bool, need_other: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d input, d other) of matmul; an empty tensor for a gradient not asked for."""
+    a = input.unsqueeze(0) if input.dim() == 1 else input
+    b = other.unsqueeze(-1) if other.dim() == 1 else other
+    (M, K), N = a.shape[-2:], b.shape[-1]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    g = grad.reshape(*batch, M, N)
+    d_input = d_other = grad.new_empty(0)
+    if need_input:  # dA = dC @ B^T, B^T read through its strides; broadcast dims summed
+        d_input = _matmul_impl(g, b.mT).sum_to_size(a.shape).reshape(input.shape)
+    if need_other:  # dB = A^T @ dC
+        if b.dim() == 2 and a.dim() > 2:  # one problem with the batch folded into the reduction
+            d_other = _matmul_impl(a.reshape(-1, K).mT, g.reshape(-1, N))
+        else:
+            d_other = _matmul_impl(a.mT, g).sum_to_size(b.shape)
+        d_other = d_other.reshape(other.shape)
+    return d_input, d_other
+
+
+@matmul_backward_op.register_fake
+def _(grad, input, other, need_input, need_other):
+    empty = grad.new_empty(0)
+    return (input.new_empty(input.shape) if need_input else empty,
+            other.new_empty(other.shape) if need_other else empty)
+
+
+def _matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _matmul_grad(ctx, grad):
+    input, other = ctx.saved_tensors
+    need_input, need_other = ctx.needs_input_grad
+    d_input, d_other = matmul_backward_op(grad, input, other, need_input, need_other)
+    return (d_input if need_input else None), (d_other if need_other else None)
+
+
+matmul_op.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+
+
+def _linear_shape(input: torch.Tensor, weight: torch.Tensor) -> list:
+    return [*input.shape[:-1], weight.shape[0]] if weight.dim() == 2 else list(input.shape[:-1])
+
+
+@torch.library.custom_op("tritonops::linear", mutates_args=())
+def linear_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+              save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation(input @ weight^T + bias), the pre-activation if `save_preact` else empty)."""
+    w = weight if weight.dim() == 2 else weight.unsqueeze(0)
+    N, K = w.shape
+    x2 = input.reshape(math.prod(input.shape[:-1]), K)
+    b = bias.reshape(N) if bias is not None else None
+    c, z = launch_matmul(x2.unsqueeze(0), w.t().unsqueeze(0), b, activation, store_preact=save_preact)
+    shape = _linear_shape(input, weight)
+    return c.view(shape), (z.view(shape) if z is not None else input.new_empty(0))
+
+
+@linear_op.register_fake
+def _(input, weight, bias, activation, save_preact):
+    shape = _linear_shape(input, weight)
+    return input.new_empty(shape), input.new_empty(shape if save_preact else [0])
+
+
+@torch.library.custom_op("tritonops::linear_backward", mutates_args=())
+def linear_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+                       activation: str | None, need_input: bool, need_weight: bool, need_bias: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d input, d weight, d bias) of linear; an empty tensor for a gradient not asked for."""
+    w = weight if weight.dim() == 2 else weight.unsqueeze(0)
+    N, K = w.shape
+    R = math.prod(input.shape[:-1])
+    dz, d_bias = launch_epilogue_bwd(grad.reshape(R, N), preact.reshape(R, N) if activation else None,
+                                     activation, need_bias)
+    empty = grad.new_empty(0)
+    d_input = d_weight = empty
+    if need_input:  # dX = dZ @ W
+        d_input = launch_matmul(dz.unsqueeze(0), w.unsqueeze(0))[0].view(input.shape)
+    if need_weight:  # dW = dZ^T @ X, both read through their strides
+        x2 = input.reshape(R, K)
+        d_weight = launch_matmul(dz.t().unsqueeze(0), x2.unsqueeze(0))[0].view(weight.shape)
+    return d_input, d_weight, (d_bias if need_bias else empty)
+
+
+@linear_backward_op.register_fake
+def _(grad, input, weight, preact, activation, need_input, need_weight, need_bias):
+    empty = grad.new_empty(0)
+    N = weight.shape[0] if weight.dim() == 2 else 1
+    return (input.new_empty(input.shape) if need_input else empty,
+            weight.new_empty(weight.shape) if need_weight else empty,
+            weight.new_empty([N]) if need_bias else empty)
+
+
+def _linear_setup(ctx, inputs, output):
+    input, weight, bias, activation, _ = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.activation = activation
+    ctx.bias_shape = bias.shape if bias is not None else None
+
+
+def _linear_grad(ctx, grad, _grad_preact):
+    input, weight, preact = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    d_input, d_weight, d_bias = linear_backward_op(grad, input, weight, preact, ctx.activation,
+                                                   need_input, need_weight, need_bias)
+    return (d_input if need_input else None, d_weight if need_weight else None,
+            d_bias.reshape(ctx.bias_shape) if need_bias else None, None, None)
+
+
+linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides."""
+    dtype, device = check_same("matmul", {"input": input, "other": other})
+    if input.dim() == 0 or other.dim() == 0:
+        raise RuntimeError(
+            f"both arguments to matmul need to be at least 1D, but they are {input.dim()}D and {other.dim()}D")
+    M, K = (input.shape[-2] if input.dim() > 1 else 1), input.shape[-1]
+    K2, N = (other.shape[-2], other.shape[-1]) if other.dim() > 1 else (other.shape[0], 1)
+    if K != K2:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({M}x{K} and {K2}x{N})")
+    torch.broadcast_shapes(input.shape[:-2], other.shape[:-2])  # raises for batch dims that do not broadcast
+    if use_reference("matmul", device):
+        return reference.matmul(input, other)
+    return matmul_op(input, other)
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
     """F.linear on a Triton kernel, with `activation` (None, "relu", "gelu", "gelu_tanh",
@@ -264,8 +368,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise RuntimeError("tritonops.linear: input must be at least 1-D")
     if weight.dim() not in (1, 2):
         raise RuntimeError(f"tritonops.linear: weight must be 1-D or 2-D, got {weight.dim()}-D")
-    w = weight if weight.dim() == 2 else weight.unsqueeze(0)
-    N, K = w.shape
+    N, K = weight.shape if weight.dim() == 2 else (1, weight.shape[0])
     if input.shape[-1] != K:
         rows = input.numel() // max(input.shape[-1], 1) if input.dim() > 1 else 1
         raise RuntimeError(
@@ -274,12 +377,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise RuntimeError(f"tritonops.linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
     if use_reference("linear", device):
         return reference.linear(input, weight, bias, activation)
-
-    x2 = input.reshape(math.prod(input.shape[:-1]), K)
-    b = bias.reshape(N) if bias is not None else None
-    c = MatmulFunction.apply(x2.unsqueeze(0), w.t().unsqueeze(0), b, activation)
-    out_shape = (*input.shape[:-1], N) if weight.dim() == 2 else input.shape[:-1]
-    return c.view(out_shape)
+    save_preact = activation is not None and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    return linear_op(input, weight, bias, activation, save_preact)[0]
 
 
 # --------------------------------------------------------------------------- the `autotune` command
