@@ -34,52 +34,121 @@ def _parse_shapes(text: str, dims: str) -> list[tuple]:
     return shapes
 
 
-def cmd_tune(args, registry) -> int:
+def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
+    """(kernel, key) pairs of a TRITONOPS_RECORD trace, first occurrence order, no repeats."""
+    from .registry import TUNERS
+
+    jobs = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                kernel, key = item["kernel"], tuple(item["key"])
+            except (ValueError, KeyError, TypeError):
+                raise SystemExit(f"autotune: {path}:{n}: not a trace line: {line.strip()[:80]!r}") from None
+            if kernel not in TUNERS:
+                raise SystemExit(f"autotune: {path}:{n}: unknown kernel {kernel!r}; known: {sorted(TUNERS)}")
+            jobs.setdefault((kernel, key), None)
+    return list(jobs)
+
+
+def _tune_jobs(jobs, args, device: int | None = None):
+    """Tune (kernel, key) jobs in this process; returns [(kernel, key, entry)]."""
     from tqdm import tqdm
 
+    from .registry import TUNERS
+
+    if device is not None:
+        torch.cuda.set_device(device)
+    rows = []
+    bar = tqdm(total=len(jobs), desc="tuning" if device is None else f"tuning on cuda:{device}", unit="key",
+               disable=args.quiet or None, position=device or 0)
+    for kernel, key in jobs:
+        bar.set_postfix_str(f"{kernel} {key}")
+        entry = TUNERS[kernel].tune(key, strategy=args.strategy, max_evals=args.budget, max_seconds=args.seconds)
+        bar.update(1)
+        rows.append((kernel, key, entry))
+    bar.close()
+    return rows
+
+
+def _worker(device: int, jobs, args, plugins_env: str | None):
+    _prepare_backend()
+    from .registry import load_plugins
+
+    if plugins_env is not None:
+        os.environ["AUTOTUNE_PLUGINS"] = plugins_env
+    load_plugins()
+    return _tune_jobs(jobs, args, device)
+
+
+def _tune_on_devices(jobs, args):
+    """One worker process per GPU, the jobs dealt out round-robin; every worker writes the one
+    cache (the file lock merges), and the rows come back for the table."""
+    import multiprocessing as mp
+
+    count = torch.cuda.device_count() if args.devices == "all" else len(args.devices.split(","))
+    devices = list(range(count)) if args.devices == "all" else [int(d) for d in args.devices.split(",")]
+    if len(devices) <= 1:
+        return _tune_jobs(jobs, args, devices[0] if devices and torch.cuda.is_available() else None)
+    shares = [jobs[i::len(devices)] for i in range(len(devices))]
+    with mp.get_context("spawn").Pool(len(devices)) as pool:
+        parts = pool.starmap(_worker, [(d, share, args, os.environ.get("AUTOTUNE_PLUGINS"))
+                                       for d, share in zip(devices, shares)])
+    return [row for part in parts for row in part]
+
+
+def cmd_tune(args, registry) -> int:
     from .device import device_fingerprint, gpu_available
 
-    ops = args.ops or sorted(registry)
-    unknown = [o for o in ops if o not in registry]
-    if unknown:
-        print(f"autotune: unknown op(s) {unknown}; known: {sorted(registry)}", file=sys.stderr)
-        return 2
     if not gpu_available():
         print("autotune: no GPU: kernels run under the Triton interpreter and the times below are "
               "CPU wall-clock times of the interpreter, not GPU timings.")
     print(f"device: {device_fingerprint()}")
-    jobs = []
-    for name in ops:
-        op = registry[name]
-        if args.shapes:
-            shapes = _parse_shapes(args.shapes, op.dims)
-        elif args.preset:
-            if args.preset not in op.presets:
-                print(f"autotune: op {name} has no preset {args.preset!r}; it has {sorted(op.presets)}",
-                      file=sys.stderr)
-                return 2
-            shapes = op.presets[args.preset]
-        else:
-            print(f"autotune: give --shapes ({op.dims}) or --preset ({', '.join(sorted(op.presets))}) for {name}",
+    if args.from_trace:
+        if args.ops or args.shapes or args.preset:
+            print("autotune: --from-trace tunes the trace's keys: give no ops, --shapes or --preset with it",
                   file=sys.stderr)
             return 2
-        dtypes = args.dtype.split(",") if args.dtype else list(op.dtypes)
-        for shape in shapes:
-            for dtype in dtypes:
-                try:
-                    pairs = op.keys(shape, dtype)
-                except ValueError as e:
-                    print(f"autotune: {name}: {e}", file=sys.stderr)
+        try:
+            jobs = _jobs_from_trace(args.from_trace)
+        except OSError as e:
+            print(f"autotune: {e}", file=sys.stderr)
+            return 2
+    else:
+        jobs = []
+        ops = args.ops or sorted(registry)
+        unknown = [o for o in ops if o not in registry]
+        if unknown:
+            print(f"autotune: unknown op(s) {unknown}; known: {sorted(registry)}", file=sys.stderr)
+            return 2
+        for name in ops:
+            op = registry[name]
+            if args.shapes:
+                shapes = _parse_shapes(args.shapes, op.dims)
+            elif args.preset:
+                if args.preset not in op.presets:
+                    print(f"autotune: op {name} has no preset {args.preset!r}; it has {sorted(op.presets)}",
+                          file=sys.stderr)
                     return 2
-                jobs += [(name, shape, dtype, tuner, key) for tuner, key in pairs]
-    rows = []
-    bar = tqdm(total=len(jobs), desc="tuning", unit="key", disable=args.quiet or None)
-    for name, shape, dtype, tuner, key in jobs:
-        bar.set_postfix_str(f"{name} {'x'.join(map(str, shape))} {dtype}")
-        entry = tuner.tune(key, strategy=args.strategy, max_evals=args.budget, max_seconds=args.seconds)
-        bar.update(1)
-        rows.append((tuner.name, key, entry))
-    bar.close()
+                shapes = op.presets[args.preset]
+            else:
+                print(f"autotune: give --shapes ({op.dims}), --preset ({', '.join(sorted(op.presets))}) "
+                      f"or --from-trace for {name}", file=sys.stderr)
+                return 2
+            dtypes = args.dtype.split(",") if args.dtype else list(op.dtypes)
+            for shape in shapes:
+                for dtype in dtypes:
+                    try:
+                        pairs = op.keys(shape, dtype)
+                    except ValueError as e:
+                        print(f"autotune: {name}: {e}", file=sys.stderr)
+                        return 2
+                    jobs += [(tuner.name, key) for tuner, key in pairs]
+    jobs = list(dict.fromkeys(jobs))
+    rows = _tune_on_devices(jobs, args) if args.devices else _tune_jobs(jobs, args)
     _print_table(rows)
     return 0 if all(e is not None for _, _, e in rows) else 1
 
@@ -151,6 +220,8 @@ def build_parser(registry) -> argparse.ArgumentParser:
     t.add_argument("--strategy", default="local", choices=["exhaustive", "random", "local"])
     t.add_argument("--budget", type=int, help="at most this many configs timed per key")
     t.add_argument("--seconds", type=float, help="at most this many seconds per key")
+    t.add_argument("--from-trace", metavar="FILE", help="tune the (kernel, key) pairs a run recorded with TRITONOPS_RECORD=FILE")
+    t.add_argument("--devices", help="'all' (one worker per GPU) or a list like 0,1,3: split the keys over GPUs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("show", help="list tuned configs")

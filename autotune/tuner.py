@@ -30,6 +30,31 @@ from .timing import GPUTimer, Timing, WallClockTimer
 
 MODES = ("on", "cached", "off")
 MODE_ENV = "TRITONOPS_AUTOTUNE"
+RECORD_ENV = "TRITONOPS_RECORD"
+
+
+def distributed_active() -> bool:
+    """A torch.distributed process group of more than one rank is initialised."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never imported here just to ask
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def record_key(kernel: str, key: tuple) -> None:
+    """With $TRITONOPS_RECORD set, append (kernel, key) as a JSON line: a trace for
+    `autotune tune --from-trace`. Called once per new key per process."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    import json
+
+    line = json.dumps({"kernel": kernel, "key": list(key)}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # one write per line: no interleaving
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def default_mode() -> str:
@@ -140,6 +165,7 @@ class Tuner:
         """Forget what this process chose (after a change of mode, cache dir or device)."""
         self._memo: dict[tuple, Config] = {}
         self.sources: dict[tuple, str] = {}  # key -> where its config came from
+        self.pending: set[tuple] = set()  # keys waiting for autotune.distributed.sync()
         self._user: dict[str, dict] | None = None
         self._user_mtime = None
         self._shipped: dict[str, dict] | None = None
@@ -157,12 +183,18 @@ class Tuner:
         enc = encode_key(key)
         mode = self.mode or default_mode()
         config, source = None, "default"
+        record_key(self.name, key)
         if mode != "off":
             entry = self.user_entries().get(enc)
             if entry is not None:
                 config, source = Config.from_dict(entry["winner"]), "user-cache"
             elif (entry := self.shipped_entries().get(enc)) is not None:
                 config, source = Config.from_dict(entry["winner"]), "shipped"
+            elif mode == "on" and self.runner is not None and distributed_active():
+                # Ranks must agree: tuning waits for autotune.distributed.sync(), which every
+                # rank calls; until then every rank uses the same default.
+                self.pending.add(key)
+                source = "pending-sync"
             elif mode == "on" and self.runner is not None:
                 entry = self.tune(key)
                 if entry is not None:
@@ -175,6 +207,18 @@ class Tuner:
             config = self.default(key)
         self._memo[key] = config
         self.sources[key] = source
+        return config
+
+    def adopt(self, key: tuple, entry: dict, store: bool = True) -> Config:
+        """Use `entry` (tuned elsewhere: another rank, another process) for `key`."""
+        key = tuple(key)
+        if store:
+            self._user = self.kernel_file().update({encode_key(key): entry})
+            self._user_mtime = self.kernel_file().mtime()
+        config = Config.from_dict(entry["winner"])
+        self._memo[key] = config
+        self.sources[key] = "adopted"
+        self.pending.discard(key)
         return config
 
     # ------------------------------------------------------------------ files

@@ -403,3 +403,81 @@ def test_replay_benchmark_on_the_synthetic_table():
     result = replay.replay({**table, "keys": {key: table["keys"][key]}})["keys"][key]["strategies"]
     assert result["local"]["reached"] == 1.0 and result["exhaustive"]["reached"] == 1.0
     assert result["local"]["evaluations_to_within"] < result["exhaustive"]["evaluations_to_within"]
+
+
+# --------------------------------------------------------------------------- ranks, traces
+
+
+def _rank_main(rank, world, init_file, cache_dir, queue):
+    import torch.distributed as dist
+
+    from autotune.distributed import sync
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        # each rank's timer disagrees with the others' (noise): without sharing, ranks would differ
+        timer = CountingTimer(lambda c: landscape_ms(c) * (1.0 + (0.5 if (hash(c) + rank) % 2 else 0.0)))
+        tuner = make_tuner(Path(cache_dir) / f"rank{rank}", timer, strategy="exhaustive")
+        keys = [(1,), (2,)] if rank == 0 else [(2,), (3,)]  # ranks meet different shapes
+        before = [tuner.select(k) for k in keys]
+        assert all(c == tuner.default(k) for c, k in zip(before, keys)), "no tuning before sync"
+        assert not timer.calls
+        sync([tuner])
+        chosen = {k: tuner.select(k).to_json() for k in [(1,), (2,), (3,)]}
+        queue.put((rank, chosen, len(timer.calls), None))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001
+        queue.put((rank, None, 0, repr(e)))
+
+
+def test_ranks_share_tuning_and_agree(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), str(tmp_path), queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[3] for r in results] == [None, None], results
+    assert results[0][1] == results[1][1]  # the same config for every key on both ranks
+    calls = [r[2] for r in results]
+    n = len(SPACE.configs())
+    # three keys shared out: one rank tunes two, the other one (plus a default check run per key)
+    assert sorted(calls) == [n, 2 * n]
+
+
+def test_trace_records_each_new_key_once(tmp_path, monkeypatch):
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("TRITONOPS_RECORD", str(trace))
+    tuner = make_tuner(tmp_path, mode="off")
+    for k in [(1,), (2,), (1,)]:
+        tuner.select(k)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert lines == [{"kernel": "synthetic", "key": [1]}, {"kernel": "synthetic", "key": [2]}]
+
+
+def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys):
+    import tritonops
+    from autotune import cli
+    from tritonops.ops.matmul import MATMUL_TUNER
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("TRITONOPS_RECORD", str(trace))
+    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path / "cache"))
+    MATMUL_TUNER.reset()
+    try:
+        tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))
+        tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))  # the same key: recorded once
+    finally:
+        MATMUL_TUNER.reset()
+    monkeypatch.delenv("TRITONOPS_RECORD")
+    recorded = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert recorded == [{"kernel": "matmul", "key": [16, 6, 20, "float32", True, False, False]}]
+    assert cli.main(["tune", "--from-trace", str(trace), "--budget", "2", "--quiet", "--devices", "all"]) == 0
+    capsys.readouterr()
+    assert cli.main(["show", "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)
+    assert [list(f["entries"]) for f in files] == [['[16, 6, 20, "float32", true, false, false]']]
+    MATMUL_TUNER.reset()
