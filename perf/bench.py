@@ -288,7 +288,10 @@ class Runner:
                         gen = torch.Generator(device=out.device).manual_seed(1)  # one dy for every provider
                         dy = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
                         gi = cases.grad_inputs(spec, leaves)
-                        run = lambda: torch.autograd.grad(out, gi, dy, retain_graph=True)  # noqa: E731
+                        if mode == "bwd":  # the backward pass alone, over one recorded graph
+                            run = lambda: torch.autograd.grad(out, gi, dy, retain_graph=True)  # noqa: E731
+                        else:  # fwd_bwd: a training step's share, forward and backward
+                            run = lambda: torch.autograd.grad(fn(*leaves), gi, dy)  # noqa: E731
                         result = run()
                     sync(self.gpu)
                     row["first_call_s"] = round(time.perf_counter() - t0, 3)
@@ -549,10 +552,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="perf/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=cases.PRESETS, default=None,
-                   help="smoke (tiny, interpreter), quick (GPU, ~3 min), full (GPU, issue 4 shapes); "
+                   help="smoke (tiny, interpreter), quick (GPU, ~3 min), full (GPU, LLM shapes); "
                         "default: quick with a GPU, smoke without")
     p.add_argument("--ops", default="all", help=f"comma-separated, or all: {','.join(cases.op_names())}")
-    p.add_argument("--modes", default="fwd,bwd", help="fwd, bwd or both (bwd times the backward pass alone)")
+    p.add_argument("--modes", default="fwd,bwd", help="comma-separated: fwd, bwd (the backward pass alone), fwd_bwd (both in one timed call)")
     p.add_argument("--dtypes", default=None, help="default: the preset's (quick: bfloat16; full: float16,bfloat16)")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of: " + ",".join(cases.BASE_PROVIDERS + tuple(cases.SDPA_BACKENDS)))

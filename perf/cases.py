@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-MODES = ("fwd", "bwd")
+MODES = ("fwd", "bwd", "fwd_bwd")
 PRESETS = ("smoke", "quick", "full")
 PRESET_DTYPES = {"smoke": ("bfloat16",), "quick": ("bfloat16",), "full": ("float16", "bfloat16")}
 
@@ -302,8 +302,11 @@ def op_names() -> list[str]:
 
 
 def metric_value(spec: OpSpec, shape: dict, dtype, mode: str, ms: float) -> float:
-    """TFLOP/s or GB/s of one call taking `ms` milliseconds."""
-    work = spec.work(shape, dtype, mode)
+    """TFLOP/s or GB/s of one call taking `ms` milliseconds (fwd_bwd: the work of both)."""
+    if mode == "fwd_bwd":
+        work = spec.work(shape, dtype, "fwd") + spec.work(shape, dtype, "bwd")
+    else:
+        work = spec.work(shape, dtype, mode)
     return work / (ms * 1e-3) / (1e12 if spec.metric == "TFLOP/s" else 1e9)
 
 
