@@ -3,10 +3,16 @@
 Functional ops with the signatures of their torch twins:
     tritonops.matmul(a, b)                           # torch.matmul
     tritonops.linear(x, w, b, activation="gelu")     # F.linear + fused activation
+    tritonops.softmax(x, dim), tritonops.log_softmax(x, dim)
+    tritonops.layer_norm(x, normalized_shape, w, b), tritonops.rms_norm(x, normalized_shape, w)
+drop-in modules in tritonops.nn.
 """
 
 from . import reference, runtime
 from .ops.matmul import linear, matmul
+from .ops.norm import layer_norm, rms_norm
+from .ops.softmax import log_softmax, softmax
+from . import nn  # noqa: E402 - after the ops it wraps
 
 __version__ = "0.1.0"
-__all__ = ["matmul", "linear", "reference", "runtime"]
+__all__ = ["matmul", "linear", "softmax", "log_softmax", "layer_norm", "rms_norm", "nn", "reference", "runtime"]
