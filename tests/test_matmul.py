@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import tritonops
 from tritonops import reference, runtime
 from tritonops.ops import matmul as matmul_ops
+from tritonops.ops._common import dot_input_precision
 
 from .utils import check_op
 
@@ -96,8 +97,8 @@ def test_matmul_gradcheck(device):
 def test_fp32_precision_follows_torch(monkeypatch):
     for setting, expected in [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]:
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda s=setting: s)
-        assert matmul_ops._input_precision(torch.float32) == expected
-    assert matmul_ops._input_precision(torch.float64) == "ieee"
+        assert dot_input_precision(torch.float32) == expected
+    assert dot_input_precision(torch.float64) == "ieee"
 
 
 # --------------------------------------------------------------------------- linear

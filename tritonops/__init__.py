@@ -5,14 +5,18 @@ Functional ops with the signatures of their torch twins:
     tritonops.linear(x, w, b, activation="gelu")     # F.linear + fused activation
     tritonops.softmax(x, dim), tritonops.log_softmax(x, dim)
     tritonops.layer_norm(x, normalized_shape, w, b), tritonops.rms_norm(x, normalized_shape, w)
-drop-in modules in tritonops.nn.
+    tritonops.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)   # F.scaled_dot_product_attention
+drop-in modules in tritonops.nn; tritonops.patch(model) swaps them into a model in place.
 """
 
 from . import reference, runtime
+from .ops.attention import attention
 from .ops.matmul import linear, matmul
 from .ops.norm import layer_norm, rms_norm
 from .ops.softmax import log_softmax, softmax
 from . import nn  # noqa: E402 - after the ops it wraps
+from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["matmul", "linear", "softmax", "log_softmax", "layer_norm", "rms_norm", "nn", "reference", "runtime"]
+__all__ = ["matmul", "linear", "attention", "softmax", "log_softmax", "layer_norm", "rms_norm", "nn", "patch", "unpatch", "PatchReport",
+           "reference", "runtime"]

@@ -10,10 +10,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ops.matmul import ACTIVATIONS, linear
 from .ops.norm import layer_norm, rms_norm
 from .ops.softmax import log_softmax, softmax
 
-__all__ = ["LayerNorm", "RMSNorm", "Softmax", "LogSoftmax"]
+__all__ = ["Linear", "LayerNorm", "RMSNorm", "Softmax", "LogSoftmax"]
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear on tritonops.linear, with an optional activation ("relu", "gelu",
+    "gelu_tanh", "silu") fused into the matmul's epilogue. `activation` is a plain
+    attribute, not state: state_dict keys are torch's (weight, bias)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 activation: str | None = None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"tritonops.nn.Linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -5,10 +5,12 @@ import triton.language as tl
 
 from .common import cast_to, tanh
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_TANH_COEF = 0.044715
+# constexpr: jit code may not read plain float globals (Triton 3.6); kept as right-hand operands,
+# which the interpreter needs
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -18,7 +20,7 @@ def _activation_fwd(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu":
         z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
     elif ACTIVATION == "gelu_tanh":
-        z = 0.5 * z * (1.0 + tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z)))
+        z = 0.5 * z * (1.0 + tanh((z + z * z * z * GELU_TANH_COEF) * SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         z = z * tl.sigmoid(z)
     return z
@@ -32,8 +34,8 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu":
         g = 0.5 * (1.0 + tl.math.erf(z * SQRT_HALF)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACTIVATION == "gelu_tanh":
-        t = tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z))
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * z * z)
+        t = tanh((z + z * z * z * GELU_TANH_COEF) * SQRT_2_OVER_PI)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * 3.0 * GELU_TANH_COEF)
     elif ACTIVATION == "silu":
         s = tl.sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))

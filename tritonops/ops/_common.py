@@ -64,6 +64,14 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def dot_input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: float32 follows torch.get_float32_matmul_precision() ('highest'
+    is IEEE fp32, else TF32); float64 is IEEE; 16-bit types ignore it."""
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if dtype == torch.float64 else "tf32"
+
+
 def interpreter_upcast(dtype: torch.dtype) -> bool:
     """Under the interpreter 16-bit float arithmetic is wrong: kernels convert such loads to fp32."""
     return runtime.INTERPRETER and dtype in HALF_DTYPES

@@ -10,7 +10,8 @@ from autotune import Config, Space, TunableOp, Tuner, bucket, register, register
 from .. import reference, runtime
 from ..kernels import common as common_kernels
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
-from ._common import DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, use_reference
+from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, dot_input_precision, interpreter_upcast,
+                      use_reference)
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -88,13 +89,6 @@ MATMUL_TUNER = register_tuner(Tuner(
     sources=[_matmul_fwd_kernel, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """float32 follows torch.get_float32_matmul_precision(): 'highest' is IEEE fp32, else TF32."""
-    if dtype == torch.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "ieee" if dtype == torch.float64 else "tf32"
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -127,7 +121,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
         ACTIVATION=activation or "none",
         STORE_PREACT=store_preact,
         ACC_DTYPE=acc_dtype(a.dtype),
-        INPUT_PRECISION=_input_precision(a.dtype),
+        INPUT_PRECISION=dot_input_precision(a.dtype),
         UPCAST=interpreter_upcast(a.dtype),
         **cfg.launch_kwargs(),
     )

@@ -1,0 +1,495 @@
+"""tritonops.attention against torch's scaled_dot_product_attention (float64 reference, and
+torch at the same precision for the error bar), forward and backward."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autotune import Config
+from tritonops import reference, runtime
+from tritonops.ops import attention as attn_ops
+from tritonops.ops.attention import attention
+
+from .utils import check_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+sdpa = F.scaled_dot_product_attention
+
+
+def sdpa_math(*args, **kwargs):
+    """torch's math backend. Its 4-D CPU flash backend gives NaN for causal with a negative
+    scale, applies attn_mask together with is_causal where the math backend (and the docs)
+    refuse, and accepts key and value of different lengths."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return sdpa(*args, **kwargs)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def qkv(B, H, L, S, E, EV=None, dtype=torch.float32, device="cpu", HK=None):
+    HK = HK or H
+    return (randn(B, H, L, E, dtype=dtype, device=device), randn(B, HK, S, E, dtype=dtype, device=device),
+            randn(B, HK, S, EV or E, dtype=dtype, device=device))
+
+
+# --------------------------------------------------------------------------- forward + backward vs torch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [
+    (2, 3, 37, 53, 24, 40),  # tails in L and S, E and Ev not powers of two, Ev != E
+    (1, 2, 70, 20, 72, 16),  # L > S (causal: rows past S see every key)
+    (1, 2, 20, 70, 40, 40),  # L < S (causal: the last keys are never attended)
+    (2, 2, 1, 33, 64, 64),  # decoding: L = 1
+    (1, 2, 17, 1, 16, 32),  # a single key
+], ids=lambda s: "B{}H{}L{}S{}E{}Ev{}".format(*s))
+def test_attention(device, dtype, causal, shape):
+    B, H, L, S, E, EV = shape
+    # causal with L = 1 attends key 0 only: dq and dk are zero, whose relative error is
+    # noise over noise; test_causal_single_query_row checks that case's gradients.
+    check_op(attention, sdpa, *qkv(B, H, L, S, E, EV, dtype=dtype, device=device), is_causal=causal,
+             backward=not (causal and L == 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_single_query_row(device, dtype):
+    """L = 1, causal: the row sees key 0 alone (softmax = 1), so out = v[0], dv[0] = do and the
+    rest of dv, all of dq and dk vanish; FA2's delta = rowsum(o * do) leaves only rounding
+    noise (fp32 sums of the same terms in two orders) in dq and dk."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 1, 33, 64, dtype=dtype, device=device))
+    out = attention(q, k, v, is_causal=True)
+    assert torch.equal(out, v[:, :, :1].detach())
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    reference.assert_close(dv[:, :, :1], do.double(), None)
+    assert not dv[:, :, 1:].any()
+    assert dq.abs().max() < 1e-4 and dk.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_head(device, dtype):
+    """Head dim 256 (the largest supported), a tiny sequence."""
+    check_op(attention, sdpa, *qkv(1, 1, 5, 9, 256, 256, dtype=dtype, device=device), is_causal=True)
+
+
+@pytest.mark.parametrize("shapes", [
+    ((13, 24), (21, 24), (21, 16)),  # 2-D: no batch at all
+    ((3, 13, 24), (3, 21, 24), (3, 21, 16)),  # 3-D
+    ((2, 2, 3, 13, 24), (2, 2, 3, 21, 24), (2, 2, 3, 21, 16)),  # 5-D
+    ((2, 3, 13, 24), (1, 3, 21, 24), (2, 1, 21, 16)),  # batch dims broadcast between q, k, v
+    ((1, 3, 13, 24), (2, 3, 21, 24), (2, 3, 21, 16)),  # ... q broadcast too
+    ((2, 1, 3, 13, 24), (1, 2, 3, 21, 24), (2, 2, 3, 21, 16)),  # 5-D broadcast, no single Z stride
+], ids=["2d", "3d", "5d", "bcast", "bcast_q", "bcast_5d"])
+def test_batch_dims(device, shapes):
+    q, k, v = (randn(*s, device=device) for s in shapes)
+    check_op(attention, sdpa, q, k, v)
+    check_op(attention, sdpa, q, k, v, is_causal=True, backward=False)
+
+
+def test_explicit_scale(device):
+    q, k, v = qkv(1, 2, 19, 23, 32)
+    check_op(attention, sdpa, q, k, v, scale=0.37)
+    check_op(attention, sdpa_math, q, k, v, is_causal=True, scale=-0.3)
+
+
+def test_head_dim_below_16(device):
+    """Padded to 16 and masked, as any other head dim."""
+    check_op(attention, sdpa, *qkv(1, 2, 9, 11, 8, 4, device=device))
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_shape", [(2, 1, 29, 45), (29, 45), (1, 3, 1, 45), (2, 3, 29, 45)],
+                         ids=["over_heads", "over_batch_heads", "rows_too", "full"])
+def test_bool_mask(device, dtype, mask_shape):
+    q, k, v = qkv(2, 3, 29, 45, 24, 16, dtype=dtype, device=device)
+    mask = torch.rand(mask_shape, device=device) > 0.3
+    check_op(attention, sdpa, q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_shape", [(1, 3, 29, 45), (29, 45)], ids=["over_batch", "over_batch_heads"])
+def test_additive_mask_and_its_gradient(device, dtype, mask_shape):
+    """An additive float mask (with -inf entries) gets its gradient like torch's, summed over
+    the dims it broadcasts over."""
+    q, k, v = qkv(2, 3, 29, 45, 24, 40, dtype=dtype, device=device)
+    mask = randn(*mask_shape, device=device, dtype=dtype)
+    mask[torch.rand(mask_shape, device=device) < 0.2] = float("-inf")
+    check_op(attention, sdpa, q, k, v, mask)
+
+
+def test_additive_mask_with_very_negative_rows(device):
+    """Every score of a row far below 0 (lse << 0): padding keys past S must stay masked in
+    backward, where exp2(0 - lse) would overflow. float64, where -1000 costs no precision."""
+    q, k, v = qkv(1, 2, 21, 37, 24, 16, dtype=torch.float64, device=device)
+    check_op(attention, sdpa, q, k, v, randn(21, 37, dtype=torch.float64, device=device) - 1000.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_mask_with_half_inputs(device, dtype):
+    q, k, v = qkv(2, 2, 21, 19, 32, dtype=dtype, device=device)
+    mask = randn(2, 1, 21, 19, device=device)
+    ours = attention(q, k, v, attn_mask=mask)
+    ref = sdpa(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    reference.assert_close(ours, ref, sdpa(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_rows_match_torch(device, dtype, kind):
+    """torch 2.13 (math and CPU flash backends) gives 0, not NaN, for a row with every key
+    masked, and zero gradients through it; so do we."""
+    q, k, v = qkv(2, 2, 24, 37, 16, dtype=dtype, device=device)
+    keep = torch.rand(2, 1, 24, 37, device=device) > 0.5
+    keep[:, :, [0, 5, 23]] = False  # rows 0, 5, 23: nothing to attend to
+    keep[1, :, :, :] = False  # the whole second batch element
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
+    expected = sdpa(q, k, v, attn_mask=mask)
+    assert expected[:, :, [0, 5, 23]].eq(0).all() and expected[1].eq(0).all()  # torch's behaviour, pinned
+    out = check_op(attention, sdpa, q, k, v, mask)  # positional: cast and differentiated with q, k, v
+    assert out[:, :, [0, 5, 23]].eq(0).all() and out[1].eq(0).all()
+
+
+def test_mask_is_read_through_broadcast_strides(device, monkeypatch):
+    """A broadcast mask reaches the kernel as a stride-0 view of the caller's storage."""
+    q, k, v = qkv(2, 3, 9, 12, 16, device=device)
+    mask = torch.rand(9, 12, device=device) > 0.5
+    seen = []
+    launch = attn_ops.launch_attention_fwd
+
+    def spy(q, k, v, mask, *args, **kwargs):
+        seen.append((mask.data_ptr(), mask.stride()))
+        return launch(q, k, v, mask, *args, **kwargs)
+
+    monkeypatch.setattr(attn_ops, "launch_attention_fwd", spy)
+    attention(q, k, v, attn_mask=mask)
+    assert seen == [(mask.data_ptr(), (0, 0, 12, 1))]
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _split_qkv(H, E):
+    """q, k, v as views of one fused (B, L, 3 * H * E) projection: (B, H, L, E), no unit batch stride."""
+    def split(t):
+        B, L, _ = t[0].shape
+        qkv = t[0].view(B, L, 3, H, E).permute(2, 0, 3, 1, 4)
+        return [qkv[0], qkv[1], qkv[2]]
+    return split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_qkv_views(device, dtype, causal):
+    H, E = 3, 24
+    x = randn(2, 31, 3 * H * E, dtype=dtype, device=device)
+    check_op(attention, sdpa, x, strided=_split_qkv(H, E), is_causal=causal)
+
+
+def test_fused_qkv_views_are_not_copied(device, monkeypatch):
+    H, E = 2, 16
+    x = randn(2, 7, 3 * H * E, device=device)
+    q, k, v = _split_qkv(H, E)([x])
+    seen = []
+    launch = attn_ops.launch_attention_fwd
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append([(t.data_ptr(), t.stride()) for t in (q, k, v)])
+        return launch(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attn_ops, "launch_attention_fwd", spy)
+    attention(q, k, v)
+    assert seen == [[(t.data_ptr(), t.stride()) for t in (q, k, v)]]
+
+
+def test_non_contiguous_output_gradient(device):
+    q, k, v = (t.double().requires_grad_() for t in qkv(2, 2, 13, 17, 16, 24, device=device))
+    w = randn(2, 2, 24, 13, dtype=torch.float64, device=device)
+    ours = torch.autograd.grad((attention(q, k, v).mT * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((sdpa(q, k, v).mT * w).sum(), (q, k, v))
+    for o, r in zip(ours, ref):
+        reference.assert_close(o, r, None)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)],
+                         ids=["B0", "H0", "L0", "S0"])
+def test_empty(device, shape):
+    """Empty batch or sequence: torch's shapes; S = 0 gives zeros (nothing to attend to)."""
+    B, H, L, S = shape
+    check_op(attention, sdpa, *qkv(B, H, L, S, 16, 24, dtype=torch.float64, device=device))
+
+
+# --------------------------------------------------------------------------- GQA
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa(device, dtype, causal):
+    q, k, v = qkv(2, 6, 21, 30, 32, 24, dtype=dtype, device=device, HK=2)
+    check_op(attention, sdpa, q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def test_gqa_with_distinct_key_and_value_heads_and_mask(device):
+    q = randn(2, 6, 11, 16, device=device)
+    k, v = randn(1, 3, 14, 16, device=device), randn(2, 1, 14, 16, device=device)
+    mask = randn(6, 11, 14, device=device)
+    check_op(attention, sdpa, q, k, v, mask, enable_gqa=True)
+
+
+def test_gqa_dk_dv_sum_over_group(device, monkeypatch):
+    """GQA reaches the kernels with the key heads unexpanded (the dK/dV kernel sums the group)."""
+    q, k, v = qkv(1, 4, 8, 8, 16, device=device, HK=2)
+    seen = []
+    launch = attn_ops.launch_attention_fwd
+    monkeypatch.setattr(attn_ops, "launch_attention_fwd",
+                        lambda q, k, v, *a, **kw: seen.append((q.shape, k.shape)) or launch(q, k, v, *a, **kw))
+    attention(q, k, v, enable_gqa=True)
+    assert seen == [((1, 4, 8, 16), (1, 2, 8, 16))]
+
+
+# --------------------------------------------------------------------------- gradcheck (float64)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask", "gqa"])
+def test_gradcheck(device, case):
+    q, k, v = (t.double().requires_grad_() for t in qkv(1, 2, 5, 6, 16, 16, device=device))
+    kwargs = {}
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "gqa":
+        k, v = k[:, :1].detach().requires_grad_(), v[:, :1].detach().requires_grad_()
+        kwargs["enable_gqa"] = True
+    args = (q, k, v)
+    if case == "mask":
+        args += (randn(2, 5, 6, dtype=torch.float64, device=device).requires_grad_(),)
+    assert torch.autograd.gradcheck(lambda *t: attention(*t, **kwargs), args, fast_mode=True)
+
+
+def test_gradcheck_full_mode(device):
+    """Every Jacobian entry, on the tiniest shape: causal GQA with L != S."""
+    q = randn(1, 2, 3, 16, dtype=torch.float64, device=device).requires_grad_()
+    k, v = (randn(1, 1, 4, 16, dtype=torch.float64, device=device).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *t: attention(*t, is_causal=True, enable_gqa=True), (q, k, v))
+
+
+def test_gradcheck_dropout(device):
+    q, k, v = (t.double().requires_grad_() for t in qkv(1, 2, 5, 6, 16, 16, device=device))
+
+    def fn(*t):
+        torch.manual_seed(1234)  # the same dropout mask in every evaluation
+        return attention(*t, dropout_p=0.4)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _sdpa_with_keep(keep, p):
+    """torch's math-backend attention with a given dropout keep-mask."""
+    def fn(q, k, v, is_causal=False):
+        s = (q @ k.mT) / math.sqrt(q.shape[-1])
+        if is_causal:
+            s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), -math.inf)
+        return (torch.softmax(s, -1) * keep.to(s.dtype) / (1 - p)) @ v
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_matches_its_mask(device, dtype, causal):
+    """Forward and backward equal torch's math on the exact keep-mask the kernels draw."""
+    B, H, L, S, p, seed = 2, 2, 29, 37, 0.3, 4321
+    torch.manual_seed(seed)
+    keep = attn_ops.dropout_keep_mask(attn_ops.draw_dropout_seed(), B * H, L, S, p, device).view(B, H, L, S)
+
+    def ours(q, k, v, is_causal=False):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=p, is_causal=is_causal)
+
+    check_op(ours, _sdpa_with_keep(keep, p), *qkv(B, H, L, S, 24, 16, dtype=dtype, device=device),
+             is_causal=causal)
+
+
+def test_dropout_keep_rate_and_scaling(device):
+    """Read the kernel's own dropout off its output: with equal scores and one-hot values,
+    out[i, j] = keep[i, j] / (S (1 - p)). The keep rate is 1 - p within 5 sigma, rows and
+    heads differ, and the mask is the one `dropout_keep_mask` reports."""
+    H, L, S, p = 4, 48, 64, 0.3
+    q, k = torch.zeros(1, H, L, 16, device=device), torch.zeros(1, H, S, 16, device=device)
+    v = torch.eye(S, device=device).expand(1, H, S, S)
+    torch.manual_seed(7)
+    out = attention(q, k, v, dropout_p=p)
+    kept = out != 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (S * (1 - p))))
+    rate, n = kept.double().mean().item(), kept.numel()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0, 0, 0], kept[0, 0, 1])
+    torch.manual_seed(7)
+    assert torch.equal(kept[0], attn_ops.dropout_keep_mask(attn_ops.draw_dropout_seed(), H, L, S, p, device))
+
+
+def test_dropout_is_reproducible(device):
+    q, k, v = qkv(1, 2, 16, 16, 16, device=device)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(attention(q, k, v, dropout_p=0.5))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_dropout_edge_probabilities(device):
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 9, 11, 16, device=device))
+    out = attention(q, k, v, dropout_p=1.0)  # everything dropped: zeros, as torch
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert torch.equal(attention(q, k, v, dropout_p=-0.5), attention(q, k, v))  # p <= 0: no dropout, as torch
+
+
+# --------------------------------------------------------------------------- memory, determinism, configs
+
+
+class _Allocations(TorchDispatchMode):
+    """The shapes of the non-empty tensors torch ops allocate inside the block (views and
+    in-place ops allocate nothing; the interpreter's copies of kernel arguments are in-place
+    `set_`s of storages it makes outside torch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["causal", "mask"])
+def test_memory_is_linear_in_sequence_length(device, mask):
+    """The forward allocates O and the LSE, nothing else; the backward dQ, dK, dV and two
+    per-row vectors: no L x S buffer anywhere."""
+    L = S = 128
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, L, S, 16, device=device))
+    attn_mask = torch.rand(L, S, device=device) > 0.1 if mask else None
+    with _Allocations() as fwd:
+        out = attention(q, k, v, attn_mask=attn_mask, is_causal=not mask)
+    assert fwd.shapes == [(1, 2, L, 16), (2, L)]  # O and the LSE
+    g = torch.randn_like(out)
+    with _Allocations() as bwd:
+        out.backward(g)
+    assert sorted(bwd.shapes) == [(1, 2, L, 16)] * 3 + [(2, L)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured with the CUDA allocator")
+def test_peak_memory_grows_linearly():
+    q, k, v = qkv(1, 8, 8192, 8192, 64, dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    attention(q, k, v, is_causal=True)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 2 * (q.numel() * 2 + 8 * 8192 * 4)  # O and LSE, far from 8 x 8192^2 scores
+
+
+def test_backward_is_deterministic(device):
+    q, k, v = (t.requires_grad_() for t in qkv(1, 4, 40, 40, 32, dtype=torch.float16, device=device, HK=1))
+    g = torch.randn(1, 4, 40, 32, dtype=torch.float16, device=device)
+    runs = [torch.autograd.grad(attention(q, k, v, enable_gqa=True), (q, k, v), g) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("blocks", [(16, 64), (64, 16), (32, 32)], ids=lambda b: "BM{}BN{}".format(*b))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_explicit_configs(device, blocks, causal):
+    """Launchers take any Config: block shapes unlike the defaults (several blocks per loop,
+    BLOCK_M < BLOCK_N on the causal diagonal) give the same results."""
+    bm, bn = blocks
+    cfg = Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=2)
+    q, k, v = (t.double() for t in qkv(1, 2, 70, 61, 24, 40, device=device))
+    mask = None if causal else randn(70, 61, dtype=torch.float64, device=device).expand(1, 2, 70, 61)
+    o, lse = attn_ops.launch_attention_fwd(q, k, v, mask, causal, 0.3, config=cfg)
+    qr, kr, vr = (t.requires_grad_() for t in (q.clone(), k.clone(), v.clone()))
+    ref = sdpa(qr, kr, vr, attn_mask=mask, is_causal=causal, scale=0.3)
+    reference.assert_close(o, ref, None)
+    s = (q @ k.mT) * 0.3 + (mask if mask is not None else 0)
+    if causal:
+        s = s.masked_fill(~torch.ones(70, 61, dtype=torch.bool).tril(), -math.inf)
+    reference.assert_close(lse.view(1, 2, 70), torch.logsumexp(s, -1) / math.log(2), None)
+    do = torch.randn_like(o)
+    grads = attn_ops.launch_attention_bwd(do, q, k, v, mask, o, lse, causal, 0.3, dkdv_config=cfg, dq_config=cfg)
+    for ours, r in zip(grads[:3], torch.autograd.grad(ref, (qr, kr, vr), do)):
+        reference.assert_close(ours, r, None)
+
+
+def test_config_heuristics_keep_gpu_rules():
+    for head_dim in (16, 32, 64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for L, S in ((1, 1), (16, 4096), (4096, 16), (16384, 16384)):
+                for fn in (attn_ops.attention_config, attn_ops.attention_bwd_dkdv_config,
+                           attn_ops.attention_bwd_dq_config):
+                    cfg = fn(head_dim, True, dtype, L, S)
+                    for name in ("BLOCK_M", "BLOCK_N"):
+                        assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0
+                    assert cfg["BLOCK_M"] <= max(16, L) and cfg["BLOCK_N"] <= max(16, S)
+                cfg = attn_ops.attention_config(head_dim, True, dtype, L, S)
+                smem = (cfg.num_stages * 2 * cfg["BLOCK_N"] + cfg["BLOCK_M"]) * head_dim * dtype.itemsize
+                assert smem <= 227 * 1024
+    assert attn_ops.attention_config(128, False, torch.bfloat16, 16384, 16384) == Config(
+        {"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)  # Inductor's H100 default at d128
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_like_torch(device):
+    q, k, v = qkv(2, 4, 5, 6, 16, device=device)
+    mask = torch.ones(5, 6, dtype=torch.bool, device=device)
+    bad = [
+        (dict(attn_mask=mask, is_causal=True), RuntimeError, "attn_mask should not be set when is_causal"),
+        (dict(dropout_p=1.5), RuntimeError, "between 0 and 1"),
+        (dict(attn_mask=mask.int()), RuntimeError, "attn_mask dtype"),
+        (dict(attn_mask=mask.double()), RuntimeError, "attn_mask dtype"),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool, device=device)), RuntimeError, None),
+        (dict(attn_mask=torch.ones(3, 4, 5, 6, dtype=torch.bool, device=device)), RuntimeError, None),
+    ]
+    for kwargs, err, match in bad:
+        with pytest.raises(err):
+            sdpa_math(q, k, v, **kwargs)
+        with pytest.raises(err, match=match):
+            attention(q, k, v, **kwargs)
+    for args, match in [((q, k[..., :8], v), "last dim"), ((q, k, v[:, :, :5]), "positions"),
+                        ((q, k[:1].expand(3, 4, 6, 16), v[:1].expand(3, 4, 6, 16)), None),
+                        ((q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), "at least 2 dimensional"),
+                        ((q, k.double(), v), "dtype")]:
+        with pytest.raises(RuntimeError):
+            sdpa_math(*args)
+        with pytest.raises(RuntimeError, match=match):
+            attention(*args)
+    with pytest.raises(RuntimeError, match="must divide the number of heads"):
+        attention(q, k[:, :3], v[:, :3], enable_gqa=True)
+    with pytest.raises(RuntimeError):  # heads differ without enable_gqa
+        attention(q, k[:, :2], v[:, :2])
+    with pytest.raises(NotImplementedError, match="up to 256"):
+        attention(*qkv(1, 1, 2, 2, 320, device=device))
+
+
+def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "_warned_reference", set())
+    q, k, v = qkv(1, 2, 5, 6, 16)
+    with pytest.warns(RuntimeWarning, match="torch reference"):
+        out = attention(q, k, v, is_causal=True)
+    assert torch.equal(out, sdpa(q, k, v, is_causal=True))

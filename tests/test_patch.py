@@ -1,0 +1,166 @@
+"""tritonops.nn.Linear, and patch()/unpatch() on a small GPT-style model (and on
+transformers' Llama and GPT-2, randomly initialised, when that package is installed)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonops
+from tritonops import reference
+
+from .utils import check_op
+
+
+# --------------------------------------------------------------------------- nn.Linear
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_linear_module_is_a_drop_in(device, activation):
+    theirs = nn.Linear(20, 12, device=device)
+    ours = tritonops.nn.Linear(20, 12, device=device, activation=activation)
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 20, device=device)
+    check_op(lambda x, w, b: ours(x),
+             lambda x, w, b: reference.linear(x, w, b, activation), x, ours.weight, ours.bias, backward=False)
+    assert ("activation='gelu_tanh'" in repr(ours)) == (activation is not None)
+    with pytest.raises(ValueError, match="unknown activation"):
+        tritonops.nn.Linear(2, 2, activation="swish")
+
+
+# --------------------------------------------------------------------------- a GPT-style model
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, norm):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = norm(d), norm(d)
+        self.qkv = nn.Linear(d, 3 * d)  # fused projection, split into views below
+        self.proj = nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for t in self.qkv(self.ln1(x)).split(C, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=37, d=32, heads=2, ctx=16):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList([Block(d, heads, nn.LayerNorm), Block(d, heads, nn.RMSNorm)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.log_probs = nn.LogSoftmax(dim=-1)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.log_probs(self.head(self.norm(x)))
+
+
+def _step(model, idx, targets):
+    """Logits and the gradients of one training step."""
+    model.zero_grad(set_to_none=True)
+    out = model(idx)
+    loss = F.nll_loss(out.flatten(0, 1), targets.flatten())
+    loss.backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _compare_to_unpatched(model, make_inputs, patched_model=None):
+    """Patched float32 vs unpatched float64 (truth) and unpatched float32 (torch's bar)."""
+    torch_model = copy.deepcopy(model)
+    ref_model = copy.deepcopy(model).double()
+    patched = patched_model or model
+    idx, targets = make_inputs()
+    out, grads = _step(patched, idx, targets)
+    ref_out, ref_grads = _step(ref_model, idx, targets)
+    torch_out, torch_grads = _step(torch_model, idx, targets)
+    reference.assert_close(out, ref_out, torch_out, what="logits")
+    for name, g in grads.items():
+        reference.assert_close(g, ref_grads[name], torch_grads[name], what=f"grad of {name}")
+
+
+def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
+    model = TinyGPT().to(device)
+    state_keys = model.state_dict().keys()
+    before = {n: type(m) for n, m in model.named_modules()}
+    report = tritonops.patch(model)
+    assert report.counts() == {"Linear": 9, "LayerNorm": 3, "RMSNorm": 2, "LogSoftmax": 1}
+    assert report.attention_routed and "scaled_dot_product_attention" in str(report)
+    assert isinstance(model.blocks[0].qkv, tritonops.nn.Linear) and model.state_dict().keys() == state_keys
+
+    from tritonops.ops import attention as attention_ops
+
+    calls = []
+    attention = attention_ops.attention
+    attention_ops.attention = lambda *a, **k: calls.append(1) or attention(*a, **k)
+    try:
+        idx = torch.randint(0, 37, (2, 11), device=device)
+        targets = torch.randint(0, 37, (2, 11), device=device)
+        unpatched = copy.deepcopy(model)
+        tritonops.unpatch(unpatched)
+        _compare_to_unpatched(unpatched, lambda: (idx, targets), patched_model=model)
+    finally:
+        attention_ops.attention = attention
+    assert len(calls) == 2  # one attention call per block went to tritonops
+    assert F.scaled_dot_product_attention is tritonops.patching._torch_sdpa  # restored after forward
+
+    tritonops.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert "forward" not in model.__dict__
+    with pytest.raises(RuntimeError, match="not patched"):
+        tritonops.unpatch(model)
+
+
+def test_patch_only_some_ops(device):
+    model = TinyGPT().to(device)
+    report = tritonops.patch(model, ops=["linear"])
+    assert report.counts() == {"Linear": 9} and not report.attention_routed
+    with pytest.raises(RuntimeError, match="patched already"):
+        tritonops.patch(model)
+    tritonops.unpatch(model)
+    with pytest.raises(ValueError, match="unknown ops"):
+        tritonops.patch(model, ops=["conv"])
+
+
+# --------------------------------------------------------------------------- transformers, when installed
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_patch_transformers_models(device, family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                          attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                         attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(config)
+    model = model.to(device).eval()
+    unpatched = copy.deepcopy(model)
+    report = tritonops.patch(model)
+    assert report.replaced, str(report)
+
+    def logits(m, ids):
+        return m(input_ids=ids).logits
+
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    with torch.no_grad():
+        out = logits(model, ids)
+        ref = logits(copy.deepcopy(unpatched).double(), ids)
+        theirs = logits(unpatched, ids)
+    reference.assert_close(out, ref, theirs, what=f"{family} logits")

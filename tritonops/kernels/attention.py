@@ -1,0 +1,457 @@
+"""Fused scaled-dot-product attention in the FlashAttention-2 manner.
+
+Forward: one pass per query block over the key blocks, online softmax in base 2
+(fp32 running max and sum), the log-sum-exp per row saved for backward; the
+L x S score matrix exists only one tile at a time, in registers.
+Backward: a preprocess kernel (delta = rowsum(O * dO)), then dK/dV per key block
+looping over query blocks (and over the query heads of a GQA group), and dQ per
+query block looping over key blocks. Every output element is written by exactly
+one program, in a fixed order: no atomics, deterministic by construction.
+
+Layouts: q, o, do (Z, H, L, *), k, v (Z, HK, S, *), mask (Z, H, L, S), each read
+through its own strides (broadcast dims have stride 0); query head h reads key
+head h // G. lse and delta are dense (Z * H, L), in base 2 for lse.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import cast_to
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _mma(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 tile as a tl.dot operand of the inputs' type (tensor cores on the GPU).
+
+    Under the interpreter (UPCAST) the tile is rounded to `dtype` the way the GPU
+    rounds it, then kept in fp32, where the interpreter's arithmetic is right.
+    """
+    y = cast_to(x, dtype, UPCAST)
+    if UPCAST:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.constexpr):
+    """base[rows, cols] with rows (R, 1) and cols (1, C), zero outside (n_rows, n_cols)."""
+    x = tl.load(base + rows.to(tl.int64) * stride_r + cols.to(tl.int64) * stride_c,
+                mask=(rows < n_rows) & (cols < n_cols), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, zh, i, j, L, S, dropout_p):
+    """Whether element (i, j) of head-batch zh is kept: Philox (tl.rand) at the unique
+    int64 offset (zh * L + i) * S + j; i and j broadcast to the tile's shape."""
+    offs = (zh.to(tl.int64) * L + i) * S + j
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _scores(qk, qk_scale, mask_base, i, j, L, S, stride_mm, stride_mn,
+            MASK: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr):
+    """Base-2 scores qk * scale * log2(e) with the masks applied (-inf where masked).
+
+    i (query) and j (key) indices broadcast to qk's shape, in either orientation.
+    MASK: "none", "bool" (True takes part) or "add" (added before the softmax).
+    """
+    s = qk * qk_scale
+    if MASK == "bool":
+        keep = tl.load(mask_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn,
+                       mask=(i < L) & (j < S), other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK == "add":
+        bias = tl.load(mask_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn,
+                       mask=(i < L) & (j < S), other=0.0)
+        s = s + bias.to(s.dtype) * LOG2E
+    if CAUSAL_MASK:
+        s = tl.where(j <= i, s, float("-inf"))
+    if BOUND_MASK:
+        s = tl.where(j < S, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _query_block(L, H, G, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's (head-batch zh, batch z, query head h, key head hk, first row).
+
+    One flat grid axis (no 65535 limit on Z * H), the row blocks of one head adjacent
+    so they share K and V in L2; causal programs take the longest rows first."""
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // num_m
+    pid_m = pid % num_m
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    h = zh % H
+    return zh, (zh // H).to(tl.int64), h.to(tl.int64), (h // G).to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_stages(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(free, hi): keys [0, free) are full blocks that need no mask (for causal, wholly at or
+    below the diagonal: j < start_m + 1 <= i + 1); [free, hi) holds the diagonal blocks and the
+    key tail, where the causal and key-bound masks apply. Keys from hi on are never attended."""
+    s_full = (S // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        free = min(((start_m + 1) // BLOCK_N) * BLOCK_N, s_full)
+        hi = min(start_m + BLOCK_M, S)
+    else:
+        free = s_full
+        hi = S
+    return free, hi
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, lo, hi,
+                    qk_scale, dropout_p, seed, L, S, E, EV,
+                    stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
+                    MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _load_tile(k_base, offs_d[:, None], offs_n[None, :], stride_kk, stride_kn, E, S, UPCAST)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
+                    MASK, CAUSAL_MASK, BOUND_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every score masked so far keeps m = -inf; subtract 0 there so no inf - inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:  # the sum above is of the undropped p: dropout acts after the softmax
+            p = tl.where(_dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p), p, 0.0)
+        v = _load_tile(v_base, offs_n[:, None], offs_dv[None, :], stride_vn, stride_vk, S, EV, UPCAST)
+        acc = tl.dot(_mma(p, v_base.dtype.element_ty, UPCAST), v, acc,
+                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (Z, H, L, E)
+    k_ptr,  # (Z, HK, S, E)
+    v_ptr,  # (Z, HK, S, EV)
+    mask_ptr,  # (Z, H, L, S) bool (as uint8) or additive; read when MASK != "none"
+    o_ptr,  # (Z, H, L, EV) output
+    lse_ptr,  # (Z * H, L) output: base-2 log-sum-exp of each row's scores; +inf for a fully masked row
+    qk_scale,  # scale * log2(e)
+    dropout_p, dropout_scale,  # drop probability and 1 / (1 - p) (0 when p = 1)
+    seed,
+    H, G, L, S, E, EV,  # G = H // HK, the GQA group size
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # head dims padded to max(next_pow2, 16)
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    zh, z, h, hk, start_m = _query_block(L, H, G, BLOCK_M, CAUSAL)
+    q_base = q_ptr + z * stride_qz + h * stride_qh
+    k_base = k_ptr + z * stride_kz + hk * stride_kh
+    v_base = v_ptr + z * stride_vz + hk * stride_vh
+    mask_base = mask_ptr + z * stride_mz + h * stride_mh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E, UPCAST)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
+    free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, 0, free,
+        qk_scale, dropout_p, seed, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, free, hi,
+        qk_scale, dropout_p, seed, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+
+    # A row with nothing to attend to (every key masked, or S = 0) gives 0, as torch does.
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
+    lse = tl.where(has_mass, m_i + tl.log2(l_safe), float("inf"))
+    m_ok = offs_m < L
+    tl.store(lse_ptr + zh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+    o_base = o_ptr + z * stride_oz + h * stride_oh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok,
+             cast_to(out, o_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & (offs_dv[None, :] < EV))
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    o_ptr,  # (Z, H, L, EV)
+    do_ptr,  # (Z, H, L, EV)
+    delta_ptr,  # (Z * H, L) output: rowsum(o * do)
+    H, L, EV,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    z = (zh // H).to(tl.int64)
+    h = (zh % H).to(tl.int64)
+    o = _load_tile(o_ptr + z * stride_oz + h * stride_oh, offs_m[:, None], offs_dv[None, :],
+                   stride_om, stride_ok, L, EV, False)
+    do = _load_tile(do_ptr + z * stride_dz + h * stride_dh, offs_m[:, None], offs_dv[None, :],
+                    stride_dm, stride_dk, L, EV, False)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+    tl.store(delta_ptr + zh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, zh, lo, hi,
+                         qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+                         stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         MASKED: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                         ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Transposed tiles (keys x queries), computed directly as k @ q^T: never a transpose
+    # of a dot result (Triton 3.4-3.6 miscompile that on Hopper).
+    # Rows past L need no score mask: their lse loads as +inf (p = 0) and their dO as 0.
+    # Keys past S need none either: they only touch their own rows of dK and dV, never stored.
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E, UPCAST)
+        do = _load_tile(do_base, offs_m[:, None], offs_dv[None, :], stride_dom, stride_dok, L, EV, UPCAST)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        sT = _scores(qkT, qk_scale, mask_base, offs_m[None, :], offs_n[:, None], L, S, stride_mm, stride_mn,
+                     MASK, MASKED, False)
+        pT = tl.exp2(sT - lse[None, :])
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if DROPOUT:
+            keepT = _dropout_keep(seed, zh, offs_m[None, :], offs_n[:, None], L, S, dropout_p)
+            pdT = tl.where(keepT, pT * dropout_scale, 0.0)
+            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(_mma(pdT, q_base.dtype.element_ty, UPCAST), do, dv,
+                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(_mma(dsT, q_base.dtype.element_ty, UPCAST), q, dk,
+                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr,  # (Z, H, L, E)
+    k_ptr,  # (Z, HK, S, E)
+    v_ptr,  # (Z, HK, S, EV)
+    mask_ptr,  # (Z, H, L, S), read when MASK != "none"
+    do_ptr,  # (Z, H, L, EV)
+    lse_ptr,  # (Z * H, L) from the forward
+    delta_ptr,  # (Z * H, L) from the preprocess kernel
+    dk_ptr,  # (Z, HK, S, E) output
+    dv_ptr,  # (Z, HK, S, EV) output
+    qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    H, HK, G, L, S, E, EV,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_doz, stride_doh, stride_dom, stride_dok,
+    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
+    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_n = tl.cdiv(S, BLOCK_N)
+    pid = tl.program_id(0)
+    zhk = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    z = (zhk // HK).to(tl.int64)
+    hk = (zhk % HK).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_ptr + z * stride_kz + hk * stride_kh, offs_n[:, None], offs_d[None, :],
+                   stride_kn, stride_kk, S, E, UPCAST)
+    v = _load_tile(v_ptr + z * stride_vz + hk * stride_vh, offs_n[:, None], offs_dv[None, :],
+                   stride_vn, stride_vk, S, EV, UPCAST)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC_DTYPE)
+    if CAUSAL:
+        # Rows i < start_n see none of these keys; row blocks from `free` on see all of them
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        free = min(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)
+    else:
+        lo = 0
+        free = 0
+    # The query heads of this key head's group, one after the other: a fixed order, no atomics.
+    for g in range(0, G):
+        h = hk * G + g
+        zh = z * H + h
+        q_base = q_ptr + z * stride_qz + h * stride_qh
+        do_base = do_ptr + z * stride_doz + h * stride_doh
+        mask_base = mask_ptr + z * stride_mz + h * stride_mh
+        lse_base = lse_ptr + zh * L
+        delta_base = delta_ptr + zh * L
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, zh, lo, free,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
+            BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, zh, max(free, lo), L,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
+            BLOCK_M, BLOCK_D, BLOCK_DV, False, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+
+    dk = dk * sm_scale
+    n_ok = offs_n[:, None] < S
+    tl.store(dk_ptr + z * stride_dkz + hk * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
+             + offs_d[None, :] * stride_dkk,
+             cast_to(dk, dk_ptr.dtype.element_ty, UPCAST), mask=n_ok & (offs_d[None, :] < E))
+    tl.store(dv_ptr + z * stride_dvz + hk * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
+             + offs_dv[None, :] * stride_dvk,
+             cast_to(dv, dv_ptr.dtype.element_ty, UPCAST), mask=n_ok & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, lo, hi,
+                       qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+                       stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
+                       MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n[:, None], offs_d[None, :], stride_kn, stride_kk, S, E, UPCAST)
+        vT = _load_tile(v_base, offs_dv[:, None], offs_n[None, :], stride_vk, stride_vn, EV, S, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        # Keys past S must be masked: exp2(0 - lse) can overflow, and inf * (k = 0) is NaN
+        s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
+                    MASK, CAUSAL_MASK, BOUND_MASK)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if DROPOUT:
+            keep = _dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:  # d loss / d additive mask = ds
+            tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :].to(tl.int64) * stride_dmn,
+                     cast_to(ds, dmask_base.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+        dq = tl.dot(_mma(ds, k_base.dtype.element_ty, UPCAST), k, dq,
+                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr,  # (Z, H, L, E)
+    k_ptr,  # (Z, HK, S, E)
+    v_ptr,  # (Z, HK, S, EV)
+    mask_ptr,  # (Z, H, L, S), read when MASK != "none"
+    do_ptr,  # (Z, H, L, EV)
+    lse_ptr,  # (Z * H, L)
+    delta_ptr,  # (Z * H, L)
+    dq_ptr,  # (Z, H, L, E) output
+    dmask_ptr,  # (Z, H, L, S) output when MASK_GRAD: the additive mask's gradient, unreduced
+    qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    H, G, L, S, E, EV,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_doz, stride_doh, stride_dom, stride_dok,
+    stride_dqz, stride_dqh, stride_dqm, stride_dqk,
+    stride_dmz, stride_dmh, stride_dmm, stride_dmn,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    zh, z, h, hk, start_m = _query_block(L, H, G, BLOCK_M, CAUSAL)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < L
+    q = _load_tile(q_ptr + z * stride_qz + h * stride_qh, offs_m[:, None], offs_d[None, :],
+                   stride_qm, stride_qk, L, E, UPCAST)
+    do = _load_tile(do_ptr + z * stride_doz + h * stride_doh, offs_m[:, None], offs_dv[None, :],
+                    stride_dom, stride_dok, L, EV, UPCAST)
+    lse = tl.load(lse_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    k_base = k_ptr + z * stride_kz + hk * stride_kh
+    v_base = v_ptr + z * stride_vz + hk * stride_vh
+    mask_base = mask_ptr + z * stride_mz + h * stride_mh
+    dmask_base = dmask_ptr + z * stride_dmz + h * stride_dmh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, 0, free,
+        qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
+        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, MASK_GRAD, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, free, hi,
+        qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
+        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, MASK_GRAD, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+    dq = dq * sm_scale
+    tl.store(dq_ptr + z * stride_dqz + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+             + offs_d[None, :] * stride_dqk,
+             cast_to(dq, dq_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & (offs_d[None, :] < E))
+
+
+# --------------------------------------------------------------------------- dropout mask, for tests
+
+
+@triton.jit
+def _attn_dropout_mask_kernel(
+    keep_ptr,  # (ZH, L, S) uint8 output: 1 where the attention kernels keep an element
+    dropout_p, seed, L, S,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    zh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p)
+    tl.store(keep_ptr + (zh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :], keep.to(tl.uint8),
+             mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
