@@ -1,3 +1,5 @@
+import json
+import random
 import re
 import warnings
 
@@ -8,10 +10,11 @@ import triton
 
 from autotune import Config
 from tritonops import reference, runtime
+from tritonops.ops import _rows
 from tritonops.ops import softmax as softmax_ops
 from tritonops.ops.softmax import log_softmax, softmax
 
-from .utils import check_op
+from .utils import assert_compiles_like_eager, check_op
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FNS = {"softmax": (softmax, F.softmax), "log_softmax": (log_softmax, F.log_softmax)}
@@ -24,8 +27,8 @@ def randn(*shape, dtype=torch.float32, device="cpu"):
 def small_chunks(monkeypatch, block_r=2, block_n=64):
     """Force the looped (online) variant on small rows: several chunks of BLOCK_N, a ragged tail."""
     cfg = Config({"BLOCK_R": block_r, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
-    monkeypatch.setattr(softmax_ops, "softmax_config", lambda *a, **k: cfg)
-    monkeypatch.setattr(softmax_ops, "softmax_bwd_config", lambda *a, **k: cfg)
+    monkeypatch.setattr(softmax_ops.SOFTMAX_TUNER, "select", lambda key: cfg)
+    monkeypatch.setattr(softmax_ops.SOFTMAX_BWD_TUNER, "select", lambda key: cfg)
 
 
 # --------------------------------------------------------------------------- forward + backward
@@ -61,8 +64,9 @@ def test_softmax_looped(device, monkeypatch, fn, dtype, shape, dim):
 def test_softmax_row_of_a_million(device, fn):
     """One 2^20-element row: the default config loops over chunks instead of one huge block."""
     n = 2**20
-    cfg = softmax_ops.softmax_config(n, 1, torch.float32)
-    assert cfg["BLOCK_N"] < n
+    key = softmax_ops.softmax_key(n, 1, torch.float32, False, fn == "log_softmax")
+    assert softmax_ops.SOFTMAX_TUNER.default(key)["BLOCK_N"] < n
+    assert softmax_ops.SOFTMAX_BWD_TUNER.default(key)["BLOCK_N"] < n
     ours, ref = FNS[fn]
     check_op(lambda x: ours(x, -1), lambda x: ref(x, -1), randn(1, n, device=device) * 4)
 
@@ -241,14 +245,112 @@ def test_softmax_config_keeps_gpu_rules():
         for rows in (1, 3, 1000, 10**6):
             for dtype in (torch.float16, torch.float32, torch.float64):
                 for strided in (False, True):
-                    for fn in (softmax_ops.softmax_config, softmax_ops.softmax_bwd_config):
-                        cfg = fn(n, rows, dtype, strided)
+                    key = softmax_ops.softmax_key(n, rows, dtype, strided, False)
+                    for fn in (softmax_ops.softmax_heuristic, softmax_ops.softmax_bwd_heuristic):
+                        cfg = fn(key)
+                        assert softmax_ops.SOFTMAX_SPACE.valid(cfg, softmax_ops._problem(key))  # in its space
                         r, b = cfg["BLOCK_R"], cfg["BLOCK_N"]
                         assert r & (r - 1) == 0 and b & (b - 1) == 0 and b >= 16
-                        assert r * b <= softmax_ops.ONE_PASS_MAX[dtype.itemsize]
+                        assert r * b <= _rows.ONE_PASS_MAX[dtype.itemsize]
                         assert cfg.num_warps in (4, 8, 16, 32)
                         if n <= b:  # one pass: every row in one tile, several short rows per program
-                            assert strided or r * b >= min(softmax_ops.SHORT_ROW_TILE,
+                            assert strided or r * b >= min(_rows.SHORT_ROW_TILE,
                                                            b * triton.next_power_of_2(rows))
                         else:
                             assert cfg.num_stages == 2
+
+
+# --------------------------------------------------------------------------- tuning: spaces, runners, command
+
+
+def _sample(tuner, key, n_cols, k=3, seed=0):
+    """k random non-default candidates of `key`, plus one whose BLOCK_N loops over n_cols."""
+    others = [c for c in tuner.candidates(key) if c != tuner.default(key)]
+    rng = random.Random(seed)
+    looped = [c for c in others if c["BLOCK_N"] < n_cols]
+    return rng.sample(others, k) + [rng.choice(looped)]
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("shape,dim", [((5, 100), 1), ((2, 100, 3), 1)], ids=str)
+def test_space_configs_agree_with_the_default(device, log, shape, dim):
+    """Sampled configs of both spaces (one-pass and looped) give the default's result through
+    the launchers' `config=`: the spaces hold configs the kernels handle, not just the default."""
+    x = randn(*shape, dtype=torch.float64, device=device) * 3
+    dy = randn(*shape, dtype=torch.float64, device=device)
+    y = softmax_ops.launch_softmax_fwd(x, dim, log)
+    dx = softmax_ops.launch_softmax_bwd(y, dy, dim, log, x.dtype)
+    rows = x.numel() // x.shape[dim]
+    key = softmax_ops.softmax_key(x.shape[dim], rows, x.dtype, x.stride(dim) != 1, log)
+    for config in _sample(softmax_ops.SOFTMAX_TUNER, key, x.shape[dim]):
+        assert reference.configs_agree(softmax_ops.launch_softmax_fwd(x, dim, log, config=config), y), config
+    for config in _sample(softmax_ops.SOFTMAX_BWD_TUNER, key, x.shape[dim], seed=1):
+        got = softmax_ops.launch_softmax_bwd(y, dy, dim, log, x.dtype, config=config)
+        assert reference.configs_agree(got, dx), config
+
+
+def test_space_keeps_to_its_rules():
+    for key in (softmax_ops.softmax_key(100, 5, torch.float32, False, False),
+                softmax_ops.softmax_key(70_000, 4096, torch.float64, True, True)):
+        problem = softmax_ops._problem(key)
+        configs = softmax_ops.SOFTMAX_SPACE.configs(problem)
+        assert softmax_ops.softmax_heuristic(key) in configs
+        for c in configs:
+            r, b = c["BLOCK_R"], c["BLOCK_N"]
+            assert 16 <= b <= min(triton.next_power_of_2(problem["N"]), _rows.ONE_PASS_MAX[problem["itemsize"]])
+            assert r <= triton.next_power_of_2(problem["ROWS"])
+            assert r * b * (2 if problem["itemsize"] == 8 else 1) <= 64 * 32 * c.num_warps
+            assert c.num_stages == 1 or b < problem["N"]
+
+
+def test_autotune_command_tunes_softmax(tmp_path, monkeypatch, capsys):
+    from autotune import cli
+
+    tuners = (softmax_ops.SOFTMAX_TUNER, softmax_ops.SOFTMAX_BWD_TUNER)
+    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path))
+    try:
+        assert cli.main(["tune", "softmax", "--shapes", "8x40", "--dtype", "float32", "--budget", "2", "--quiet"]) == 0
+        capsys.readouterr()
+        assert cli.main(["show", "--json"]) == 0
+        files = json.loads(capsys.readouterr().out)
+    finally:
+        for t in tuners:  # forget the winners chosen by interpreter wall-clock times
+            t.reset()
+    key = '[64, 8, "float32", false, false]'
+    assert sorted((f["kernel"], list(f["entries"])) for f in files) == [
+        ("softmax", [key]), ("softmax_bwd", [key])]
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim,dtype,layout", [
+    ((5, 7), -1, None, None), ((4, 7, 5), 1, None, None), ((6, 9), 0, None, "transposed"),
+    ((3, 4, 5, 6), 1, None, "permuted"), ((5, 7), 1, torch.float32, None), ((), 0, None, None), ((0, 3), 1, None, None),
+], ids=str)
+def test_opcheck_softmax(op, shape, dim, dtype, layout):
+    x = randn(*shape, dtype=torch.float16 if dtype else torch.float32)
+    if layout == "transposed":
+        x = x.t()
+    elif layout == "permuted":  # outer dims no single stride walks: the op works on a copy
+        x = x.permute(2, 0, 3, 1)
+    fn = softmax_ops.softmax_op if op == "softmax" else softmax_ops.log_softmax_op
+    torch.library.opcheck(fn, (x.requires_grad_(), dim, dtype))
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_opcheck_softmax_backward(log):
+    y = softmax(randn(4, 7, 5), 1)
+    torch.library.opcheck(softmax_ops.softmax_backward_op, (randn(4, 7, 5), y, 1, log, torch.float32))
+    torch.library.opcheck(softmax_ops.softmax_backward_op, (randn(7, 5).t(), y[0].t(), -1, log, torch.float16))
+
+
+def test_compile_fullgraph_matches_eager():
+
+    def block(x, w):
+        h = softmax(x * w, 1) + log_softmax(x.transpose(1, 2), -1, dtype=torch.float64).transpose(1, 2).float()
+        return log_softmax(h, -1).sum(1)
+
+    args = [randn(2, 6, 5).requires_grad_(), randn(6, 5).requires_grad_()]
+    assert_compiles_like_eager(block, args)

@@ -55,3 +55,17 @@ def check_op(ours, torch_fn, *args, backward=True, strided=None, **kwargs):
         assert o.shape == r.shape, f"grad {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
         assert_close(o, r, t, dtype, what=f"grad of input {i}")
     return ours_out
+
+
+def assert_compiles_like_eager(fn, args):
+    """torch.compile(fullgraph=True) of fn (aot_eager: our ops stay opaque custom ops) gives
+    exactly eager's outputs and gradients: no graph break, nothing recomputed differently."""
+    torch._dynamo.reset()
+    eager_out = fn(*args)
+    eager_grads = torch.autograd.grad(eager_out.sum(), args)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.sum(), args)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

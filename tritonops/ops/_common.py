@@ -75,9 +75,3 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 def interpreter_upcast(dtype: torch.dtype) -> bool:
     """Under the interpreter 16-bit float arithmetic is wrong: kernels convert such loads to fp32."""
     return runtime.INTERPRETER and dtype in HALF_DTYPES
-
-
-def row_num_warps(tile: int) -> int:
-    """Warps for a row-reduction tile of `tile` elements: 4, 8 from 2048, 16 from 8192,
-    32 from 32768 (as Liger)."""
-    return 4 if tile < 2048 else 8 if tile < 8192 else 16 if tile < 32768 else 32

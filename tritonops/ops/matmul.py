@@ -228,7 +228,7 @@ def matmul_backward_op(grad: torch.Tensor, input: torch.Tensor, other: torch.Ten
     (M, K), N = a.shape[-2:], b.shape[-1]
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     g = grad.reshape(*batch, M, N)
-    d_input = d_other = grad.new_empty(0)
+    d_input, d_other = grad.new_empty(0), grad.new_empty(0)  # distinct: op outputs may not alias
     if need_input:  # dA = dC @ B^T, B^T read through its strides; broadcast dims summed
         d_input = _matmul_impl(g, b.mT).sum_to_size(a.shape).reshape(input.shape)
     if need_other:  # dB = A^T @ dC
@@ -242,9 +242,8 @@ def matmul_backward_op(grad: torch.Tensor, input: torch.Tensor, other: torch.Ten
 
 @matmul_backward_op.register_fake
 def _(grad, input, other, need_input, need_other):
-    empty = grad.new_empty(0)
-    return (input.new_empty(input.shape) if need_input else empty,
-            other.new_empty(other.shape) if need_other else empty)
+    return (input.new_empty(input.shape if need_input else [0]),
+            other.new_empty(other.shape if need_other else [0]))
 
 
 def _matmul_setup(ctx, inputs, output):
@@ -294,23 +293,21 @@ def linear_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch.Te
     R = math.prod(input.shape[:-1])
     dz, d_bias = launch_epilogue_bwd(grad.reshape(R, N), preact.reshape(R, N) if activation else None,
                                      activation, need_bias)
-    empty = grad.new_empty(0)
-    d_input = d_weight = empty
+    d_input, d_weight = grad.new_empty(0), grad.new_empty(0)  # distinct: op outputs may not alias
     if need_input:  # dX = dZ @ W
         d_input = launch_matmul(dz.unsqueeze(0), w.unsqueeze(0))[0].view(input.shape)
     if need_weight:  # dW = dZ^T @ X, both read through their strides
         x2 = input.reshape(R, K)
         d_weight = launch_matmul(dz.t().unsqueeze(0), x2.unsqueeze(0))[0].view(weight.shape)
-    return d_input, d_weight, (d_bias if need_bias else empty)
+    return d_input, d_weight, (d_bias if need_bias else grad.new_empty(0))
 
 
 @linear_backward_op.register_fake
 def _(grad, input, weight, preact, activation, need_input, need_weight, need_bias):
-    empty = grad.new_empty(0)
     N = weight.shape[0] if weight.dim() == 2 else 1
-    return (input.new_empty(input.shape) if need_input else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            weight.new_empty([N]) if need_bias else empty)
+    return (input.new_empty(input.shape if need_input else [0]),
+            weight.new_empty(weight.shape if need_weight else [0]),
+            weight.new_empty([N] if need_bias else [0]))
 
 
 def _linear_setup(ctx, inputs, output):

@@ -1,8 +1,5 @@
 """layer_norm and rms_norm, forward and backward (one kernel each way, flag RMS)."""
 
-from __future__ import annotations
-
-import functools
 import math
 
 import numpy as np
@@ -10,49 +7,121 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import Config
+from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
 
-from .. import runtime
-from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel
-from ._common import acc_dtype, check_same, interpreter_upcast, row_num_warps, use_reference
+from .. import reference, runtime
+from ..kernels import common as common_kernels
+from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel, _rstd
+from ._common import DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, use_reference
+from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, LOOP_BLOCK_N, ONE_PASS_MAX, ROW_BLOCKS, ROW_STAGES,
+                    ROW_WARPS, SHORT_ROW_TILE, row_num_warps, row_tile_rules)
 
 # --------------------------------------------------------------------------- config choice
 
-ONE_PASS_MAX = {2: 16384, 4: 16384, 8: 8192}  # most elements of one row held in one tile, by itemsize
-LOOP_BLOCK_N = 4096  # chunk of a longer row (two sweeps)
-SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
 
-
-def _norm_tile(n_cols: int, n_rows: int, dtype: torch.dtype) -> tuple[int, int]:
+def _norm_tile(n_cols: int, n_rows: int, itemsize: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): the whole row (next_pow2, at least 16) while it fits one tile,
     else LOOP_BLOCK_N chunks; short rows stacked up to SHORT_ROW_TILE elements a program."""
-    one_pass_max = ONE_PASS_MAX[dtype.itemsize]
+    one_pass_max = ONE_PASS_MAX[itemsize]
     if n_cols > one_pass_max:
         return 1, LOOP_BLOCK_N
     block_n = max(16, triton.next_power_of_2(n_cols))
     return max(1, min(SHORT_ROW_TILE // block_n, triton.next_power_of_2(max(n_rows, 1)))), block_n
 
 
-@functools.lru_cache(maxsize=4096)
-def norm_config(n_cols: int, n_rows: int, dtype: torch.dtype) -> Config:
-    """The config of _norm_fwd_kernel (layer_norm and rms_norm) for rows of n_cols elements.
+def norm_key(n_cols: int, n_rows: int, dtype: torch.dtype, rms: bool, has_weight: bool) -> tuple:
+    """(N bucketed, rows bucketed, dtype, rms_norm, has a weight): the forward's key."""
+    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], rms, has_weight)
 
-    The single place it is chosen; for now a heuristic: _norm_tile's tile, warps
-    growing with it (4, 8 from 2048 elements, 16 from 8192), 2 stages where it loops.
-    """
-    block_m, block_n = _norm_tile(n_cols, n_rows, dtype)
+
+def norm_bwd_key(n_cols: int, n_rows: int, dtype: torch.dtype, rms: bool, has_weight: bool,
+                 param_grads: bool) -> tuple:
+    """norm_key + whether weight / bias gradients are reduced (the part buffers and
+    the persistent grid's height then matter)."""
+    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], rms, has_weight, param_grads)
+
+
+def norm_heuristic(key: tuple) -> Config:
+    """The default config of _norm_fwd_kernel (layer_norm and rms_norm) for a norm_key:
+    _norm_tile's tile, warps growing with it (4, 8 from 2048 elements, 16 from 8192),
+    2 stages where it loops."""
+    n_cols, n_rows, dtype = key[:3]
+    block_m, block_n = _norm_tile(n_cols, n_rows, ITEMSIZE[dtype])
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=row_num_warps(block_m * block_n),
                   num_stages=2 if n_cols > block_n else 1)
 
 
-@functools.lru_cache(maxsize=4096)
-def norm_bwd_config(n_cols: int, n_rows: int, dtype: torch.dtype) -> Config:
-    """The config of _norm_bwd_kernel: the forward's tile, and PROGRAMS_PER_SM, which sets
-    the persistent grid (min(row blocks, PROGRAMS_PER_SM x SMs) programs), hence the
-    height of the fp32 weight/bias partial-sum buffers the second stage reduces."""
-    block_m, block_n = _norm_tile(n_cols, n_rows, dtype)
-    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "PROGRAMS_PER_SM": 2},
-                  num_warps=row_num_warps(block_m * block_n), num_stages=2 if n_cols > block_n else 1)
+def norm_bwd_heuristic(key: tuple) -> Config:
+    """The default config of _norm_bwd_kernel: the forward's tile, and PROGRAMS_PER_SM = 2,
+    which sets the persistent grid (min(row blocks, PROGRAMS_PER_SM x SMs) programs), hence
+    the height of the fp32 weight/bias partial-sum buffers the second stage reduces."""
+    return norm_heuristic(key).replace(PROGRAMS_PER_SM=2)
+
+
+def _problem(key: tuple) -> dict:
+    n_cols, n_rows, dtype = key[:3]
+    return {"N": n_cols, "ROWS": n_rows, "itemsize": ITEMSIZE[dtype],
+            "sms": runtime.device_properties()["multiprocessor_count"]}
+
+
+def _grid_changes(config: Config, problem: dict) -> bool:
+    """PROGRAMS_PER_SM past the default 2 only where it still adds programs (row blocks to share out)."""
+    if config["PROGRAMS_PER_SM"] <= 2 or "ROWS" not in problem:
+        return True
+    return triton.cdiv(problem["ROWS"], config["BLOCK_M"]) > config["PROGRAMS_PER_SM"] // 2 * problem["sms"]
+
+
+NORM_SPACE = Space(
+    {"BLOCK_M": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
+    block_dims={"BLOCK_M": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules("BLOCK_M"), version=1)
+
+NORM_BWD_SPACE = Space(
+    {"BLOCK_M": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS, "PROGRAMS_PER_SM": [1, 2, 4, 8]},
+    num_warps=ROW_WARPS, num_stages=ROW_STAGES, block_dims={"BLOCK_M": "ROWS", "BLOCK_N": "N"},
+    constraints=[*row_tile_rules("BLOCK_M"), _grid_changes], version=1)
+
+
+def _inputs(key: tuple):
+    """x (rows, N), and weight / bias (N,) as the key has them (a bias only for layer_norm)."""
+    n_cols, n_rows, dtype, rms, has_weight = key[:5]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = getattr(torch, dtype)
+    x = torch.randn((n_rows, n_cols), device=device, dtype=dt) * 2 + 0.5
+    w = torch.randn(n_cols, device=device, dtype=dt) if has_weight else None
+    b = torch.randn(n_cols, device=device, dtype=dt) if has_weight and not rms else None
+    return x, w, b
+
+
+def _runner(key: tuple):
+    """A launch of the forward kernel on inputs built for `key`, into fresh outputs."""
+    x, w, b = _inputs(key)
+    rms = key[3]
+    return lambda config: tuple(t for t in launch_norm_fwd(x, w, b, 1e-5, rms, config=config) if t is not None)
+
+
+def _bwd_runner(key: tuple):
+    """A launch of the backward kernel on the forward's statistics and a random dy;
+    returns dx and, when the key asks for them, the weight / bias gradients."""
+    x, w, b = _inputs(key)
+    rms, param_grads = key[3], key[5]
+    _, mean, rstd = launch_norm_fwd(x, w, b, 1e-5, rms)
+    dy = torch.randn_like(x)
+    weight_grad, bias_grad = param_grads and w is not None, param_grads and not rms
+
+    def launch(config: Config):
+        outs = launch_norm_bwd(dy, x, w, mean, rstd, weight_grad, bias_grad, config=config)
+        return tuple(t for t in outs if t is not None)
+
+    return launch
+
+
+NORM_TUNER = register_tuner(Tuner(
+    "norm", NORM_SPACE, norm_heuristic, runner=_runner, problem=_problem,
+    sources=[_norm_fwd_kernel, _rstd, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
+
+NORM_BWD_TUNER = register_tuner(Tuner(
+    "norm_bwd", NORM_BWD_SPACE, norm_bwd_heuristic, runner=_bwd_runner, problem=_problem,
+    sources=[_norm_bwd_kernel, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -65,21 +134,25 @@ def _split_eps(eps: float) -> tuple[float, float]:
     return hi, float(np.float32(eps - hi))
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def launch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                     rms: bool, config: Config | None = None):
     """(y, mean, rstd) for x (M, N) with any strides, weight and bias (N,) or None.
 
     mean (None for rms) and rstd are (M,) in fp32 (fp64 for float64). `config`
-    overrides norm_config.
+    overrides the tuner's choice.
     """
     M, N = x.shape
     y = runtime.new_output((M, N), x.dtype, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _stats_dtype(x.dtype)
     mean = None if rms else runtime.new_output((M,), acc, x.device)
     rstd = runtime.new_output((M,), acc, x.device)
     if y.numel() == 0:
         return y, mean, rstd
-    cfg = config or norm_config(N, M, x.dtype)
+    cfg = config or NORM_TUNER.select(norm_key(N, M, x.dtype, rms, weight is not None))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     _norm_fwd_kernel[grid](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
@@ -100,12 +173,13 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
 
     Weight and bias gradients are reduced in two stages: per-program column sums
     (fp32, or fp64) in the kernel, then a torch sum over programs: deterministic.
-    `config` overrides norm_bwd_config.
+    `config` overrides the tuner's choice.
     """
     M, N = x.shape
     dx = runtime.new_output((M, N), x.dtype, x.device)
     acc = rstd.dtype
-    cfg = config or norm_bwd_config(N, M, x.dtype)
+    cfg = config or NORM_BWD_TUNER.select(
+        norm_bwd_key(N, M, x.dtype, mean is None, weight is not None, weight_grad or bias_grad))
     meta = cfg.launch_kwargs()
     programs_per_sm = meta.pop("PROGRAMS_PER_SM")
     one_pass = N <= cfg["BLOCK_N"]
@@ -131,25 +205,136 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     return dx, dw, db
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- torch.library ops
+# The forward ops also return the row statistics (mean, rstd: (M,) fp32, fp64 for
+# float64) for their backward; the public functions return only the output.
 
 
-class NormFunction(torch.autograd.Function):
-    """layer_norm (rms=False) or rms_norm of x (M, N) over N; weight, bias (N,) or None."""
+def _rows_cols(input: torch.Tensor, normalized_shape: list[int]) -> tuple[int, int]:
+    """(M, N): the flattened leading dims and the flattened normalized dims."""
+    return math.prod(input.shape[:input.dim() - len(normalized_shape)]), math.prod(normalized_shape)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, rms):
-        y, mean, rstd = launch_norm_fwd(x, weight, bias, eps, rms)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        _, need_w, need_b, _, _ = ctx.needs_input_grad
-        dx, dw, db = launch_norm_bwd(dy, x, weight, mean, rstd, need_w, need_b)
-        return dx, dw, db, None, None
+def _norm_fwd(input, normalized_shape, weight, bias, eps, rms):
+    M, N = _rows_cols(input, normalized_shape)
+    # A view where the strides allow one (the kernels read rows and columns through
+    # their strides); reshape copies only layouts no (M, N) strides describe, e.g. a transpose.
+    y, mean, rstd = launch_norm_fwd(input.reshape(M, N), weight.reshape(N) if weight is not None else None,
+                                    bias.reshape(N) if bias is not None else None, eps, rms)
+    return y.view(input.shape), mean, rstd
+
+
+def _norm_fwd_fake(input, normalized_shape, rms):
+    M, _ = _rows_cols(input, normalized_shape)
+    stats = input.new_empty([M], dtype=_stats_dtype(input.dtype))
+    y = input.new_empty(input.shape)
+    return (y, stats) if rms else (y, stats, input.new_empty([M], dtype=stats.dtype))
+
+
+@torch.library.custom_op("tritonops::layer_norm", mutates_args=())
+def layer_norm_op(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F.layer_norm(...), mean, rstd) on our kernel (validated inputs)."""
+    return _norm_fwd(input, normalized_shape, weight, bias, eps, rms=False)
+
+
+@layer_norm_op.register_fake
+def _(input, normalized_shape, weight, bias, eps):
+    return _norm_fwd_fake(input, normalized_shape, rms=False)
+
+
+@torch.library.custom_op("tritonops::rms_norm", mutates_args=())
+def rms_norm_op(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.rms_norm(...), rstd) on our kernel (validated inputs, eps resolved)."""
+    y, _, rstd = _norm_fwd(input, normalized_shape, weight, None, eps, rms=True)
+    return y, rstd
+
+
+@rms_norm_op.register_fake
+def _(input, normalized_shape, weight, eps):
+    return _norm_fwd_fake(input, normalized_shape, rms=True)
+
+
+def _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias):
+    M, N = _rows_cols(input, normalized_shape)
+    dx, dw, db = launch_norm_bwd(grad.reshape(M, N), input.reshape(M, N),
+                                 weight.reshape(N) if weight is not None else None, mean, rstd,
+                                 need_weight, need_bias)
+    empty = grad.new_empty  # a fresh one for each: outputs of a custom op may not alias each other
+    return (dx.view(input.shape) if need_input else empty(0),
+            dw.view(normalized_shape) if need_weight else empty(0),
+            db.view(normalized_shape) if need_bias else empty(0))
+
+
+def _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias):
+    empty = grad.new_empty
+    return (input.new_empty(input.shape) if need_input else empty(0),
+            input.new_empty(normalized_shape) if need_weight else empty(0),
+            input.new_empty(normalized_shape) if need_bias else empty(0))
+
+
+@torch.library.custom_op("tritonops::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, normalized_shape: list[int],
+                           weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, need_input: bool,
+                           need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d input, d weight, d bias) of layer_norm; an empty tensor for a gradient not asked for."""
+    return _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias)
+
+
+@layer_norm_backward_op.register_fake
+def _(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias):
+    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias)
+
+
+@torch.library.custom_op("tritonops::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, normalized_shape: list[int],
+                         weight: torch.Tensor | None, rstd: torch.Tensor, need_input: bool,
+                         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d input, d weight) of rms_norm; an empty tensor for a gradient not asked for."""
+    return _norm_bwd(grad, input, normalized_shape, weight, None, rstd, need_input, need_weight, False)[:2]
+
+
+@rms_norm_backward_op.register_fake
+def _(grad, input, normalized_shape, weight, rstd, need_input, need_weight):
+    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, False)[:2]
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    input, normalized_shape, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.normalized_shape = normalized_shape
+
+
+def _layer_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    need_input, _, need_weight, need_bias = ctx.needs_input_grad[:4]
+    dx, dw, db = layer_norm_backward_op(grad, input, ctx.normalized_shape, weight, mean, rstd,
+                                        need_input, need_weight, need_bias)
+    return (dx if need_input else None), None, (dw if need_weight else None), (db if need_bias else None), None
+
+
+layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    input, normalized_shape, weight, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(input, weight, rstd)
+    ctx.normalized_shape = normalized_shape
+
+
+def _rms_norm_grad(ctx, grad, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    need_input, _, need_weight = ctx.needs_input_grad[:3]
+    dx, dw = rms_norm_backward_op(grad, input, ctx.normalized_shape, weight, rstd, need_input, need_weight)
+    return (dx if need_input else None), None, (dw if need_weight else None), None
+
+
+rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -171,17 +356,6 @@ def _check_shapes(input, normalized_shape, weight, bias) -> tuple[int, ...]:
     return shape
 
 
-def _norm(input, shape, weight, bias, eps, rms):
-    N = math.prod(shape)
-    M = math.prod(input.shape[:input.dim() - len(shape)])
-    # A view where the strides allow one (the kernels read rows and columns through
-    # their strides); reshape copies only layouts no (M, N) strides describe, e.g. a transpose.
-    x = input.reshape(M, N)
-    w = weight.reshape(N) if weight is not None else None
-    b = bias.reshape(N) if bias is not None else None
-    return NormFunction.apply(x, w, b, float(eps), rms).view(input.shape)
-
-
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm on Triton kernels: statistics in fp32 (fp64 for float64), output in input's dtype."""
@@ -189,7 +363,7 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     shape = _check_shapes(input, normalized_shape, weight, bias)
     if use_reference("layer_norm", device):
         return F.layer_norm(input, shape, weight, bias, eps)
-    return _norm(input, shape, weight, bias, eps, rms=False)
+    return layer_norm_op(input, list(shape), weight, bias, float(eps))[0]
 
 
 def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -201,5 +375,26 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     if use_reference("rms_norm", device):
         return F.rms_norm(input, shape, weight, eps)
     if eps is None:
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    return _norm(input, shape, weight, None, eps, rms=True)
+        eps = torch.finfo(_stats_dtype(input.dtype)).eps
+    return rms_norm_op(input, list(shape), weight, float(eps))[0]
+
+
+# --------------------------------------------------------------------------- the `autotune` command
+
+
+
+def _tune_keys(rms: bool):
+    def keys(shape: tuple, dtype: str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        rows, cols = shape
+        dt = getattr(torch, dtype)
+        return [(NORM_TUNER, norm_key(cols, rows, dt, rms, True)),
+                (NORM_BWD_TUNER, norm_bwd_key(cols, rows, dt, rms, True, True))]
+    return keys
+
+
+register(TunableOp("layer_norm", "ROWSxCOLS", _tune_keys(False), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
+                   help="layer_norm of (ROWS, COLS) over COLS with weight and bias, forward and backward"))
+register(TunableOp("rms_norm", "ROWSxCOLS", _tune_keys(True), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
+                   help="rms_norm of (ROWS, COLS) over COLS with a weight, forward and backward"))

@@ -1,69 +1,91 @@
 """softmax and log_softmax over any dim, forward and backward (one kernel, flag LOG)."""
 
-from __future__ import annotations
-
-import functools
 import operator
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import Config
+from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
 
-from .. import runtime
-from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
-from ._common import FLOAT_DTYPES, acc_dtype, check_same, interpreter_upcast, row_num_warps, use_reference
+from .. import reference, runtime
+from ..kernels import common as common_kernels
+from ..kernels.softmax import _row_offsets, _softmax_bwd_kernel, _softmax_fwd_kernel
+from ._common import (DTYPE_NAMES, FLOAT_DTYPES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast,
+                      use_reference)
+from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS,
+                    row_tile_config, row_tile_rules)
 
 # --------------------------------------------------------------------------- config choice
 
-ONE_PASS_MAX = {2: 16384, 4: 16384, 8: 8192}  # most elements of one row held in one tile, by itemsize
-LOOP_BLOCK_N = 4096  # chunk of a longer row, swept twice (online softmax)
-SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
-STRIDED_ROWS = 32  # rows per program when the reduced dim is not the unit-stride one
+def softmax_key(n_cols: int, n_rows: int, dtype: torch.dtype, strided: bool, log: bool) -> tuple:
+    """(N bucketed, rows bucketed, output dtype, reduced dim not unit-stride, log_softmax).
+
+    Bucketing loses nothing the heuristic uses: a power-of-two BLOCK_N covers N exactly
+    when it covers next_pow2(N), so one pass or a loop is decided by the key alone."""
+    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], strided, log)
 
 
-def row_tile_config(n_cols: int, n_rows: int, dtype: torch.dtype, strided: bool) -> Config:
-    """BLOCK_R x BLOCK_N tile for a row-wise reduction (softmax, norms).
-
-    - Unit-stride rows: BLOCK_N = next_pow2(N) (at least 16) while that fits in one
-      tile (ONE_PASS_MAX, 16K elements, 8K for float64); longer rows loop over
-      LOOP_BLOCK_N chunks. Short rows are stacked, BLOCK_R = SHORT_ROW_TILE // BLOCK_N
-      (never past next_pow2(n_rows)), so each program moves enough bytes.
-    - Strided rows (the reduced dim is not unit-stride, e.g. softmax over dim 1 of
-      (B, C, L)): BLOCK_R = 32 neighbouring rows, which are contiguous in memory, so the
-      loads coalesce; BLOCK_N fills the rest of the one-tile budget, looping beyond it.
-    Warps grow with the tile (row_num_warps); 2 stages only where there is a loop.
-    """
-    one_pass_max = ONE_PASS_MAX[dtype.itemsize]
-    rows_cap = triton.next_power_of_2(max(n_rows, 1))
-    if strided:
-        block_r = min(STRIDED_ROWS, rows_cap)
-        block_n = min(max(16, triton.next_power_of_2(n_cols)), one_pass_max // block_r)
-    elif n_cols <= one_pass_max:
-        block_n = max(16, triton.next_power_of_2(n_cols))
-        block_r = max(1, min(SHORT_ROW_TILE // block_n, rows_cap))
-    else:
-        block_n, block_r = LOOP_BLOCK_N, 1
-    looped = n_cols > block_n
-    return Config({"BLOCK_R": block_r, "BLOCK_N": block_n},
-                  num_warps=row_num_warps(block_r * block_n), num_stages=2 if looped else 1)
+def softmax_heuristic(key: tuple) -> Config:
+    """The default config of _softmax_fwd_kernel for a softmax_key: row_tile_config."""
+    n_cols, n_rows, dtype, strided = key[:4]
+    return row_tile_config(n_cols, n_rows, ITEMSIZE[dtype], strided)
 
 
-@functools.lru_cache(maxsize=4096)
-def softmax_config(n_cols: int, n_rows: int, dtype: torch.dtype, strided: bool = False) -> Config:
-    """The config of _softmax_fwd_kernel for rows of n_cols elements; dtype is the output's.
-
-    The single place it is chosen; for now the row_tile_config heuristic.
-    """
-    return row_tile_config(n_cols, n_rows, dtype, strided)
+def softmax_bwd_heuristic(key: tuple) -> Config:
+    """The default config of _softmax_bwd_kernel: the forward's (two tiles live, y and dy,
+    which 16K elements over 16 warps still hold in registers)."""
+    return softmax_heuristic(key)
 
 
-@functools.lru_cache(maxsize=4096)
-def softmax_bwd_config(n_cols: int, n_rows: int, dtype: torch.dtype, strided: bool = False) -> Config:
-    """The config of _softmax_bwd_kernel; the same heuristic as the forward for now
-    (two tiles live, y and dy, which 16K elements over 16 warps still hold in registers)."""
-    return row_tile_config(n_cols, n_rows, dtype, strided)
+def _problem(key: tuple) -> dict:
+    n_cols, n_rows, dtype = key[:3]
+    return {"N": n_cols, "ROWS": n_rows, "itemsize": ITEMSIZE[dtype]}
+
+
+
+SOFTMAX_SPACE = Space(
+    {"BLOCK_R": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
+    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules("BLOCK_R"), version=1)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(key: tuple):
+    """x for a softmax_key, read over dim 1: (rows, N), or (1, N, rows) when strided."""
+    n_cols, n_rows, dtype, strided = key[:4]
+    dt = getattr(torch, dtype)
+    shape = (1, n_cols, n_rows) if strided else (n_rows, n_cols)
+    return torch.randn(shape, device=_device(), dtype=dt) * 3, dt
+
+
+def _runner(key: tuple):
+    """A launch of the forward kernel, on inputs built for `key`, into a fresh output."""
+    x, dt = _inputs(key)
+    log = key[4]
+    return lambda config: launch_softmax_fwd(x, 1, log, dt, config=config)
+
+
+def _bwd_runner(key: tuple):
+    """A launch of the backward kernel on y (the forward's output) and a random dy."""
+    x, dt = _inputs(key)
+    log = key[4]
+    y = launch_softmax_fwd(x, 1, log, dt)
+    dy = torch.randn_like(y)
+    return lambda config: launch_softmax_bwd(y, dy, 1, log, dt, config=config)
+
+
+SOFTMAX_TUNER = register_tuner(Tuner(
+    "softmax", SOFTMAX_SPACE, softmax_heuristic, runner=_runner, problem=_problem,
+    sources=[_softmax_fwd_kernel, _row_offsets, common_kernels], shipped=SHIPPED_CONFIGS,
+    check=reference.configs_agree))
+
+SOFTMAX_BWD_TUNER = register_tuner(Tuner(
+    "softmax_bwd", SOFTMAX_SPACE, softmax_bwd_heuristic, runner=_bwd_runner, problem=_problem,
+    sources=[_softmax_bwd_kernel, _row_offsets, common_kernels], shipped=SHIPPED_CONFIGS,
+    check=reference.configs_agree))
 
 
 # --------------------------------------------------------------------------- layout
@@ -103,11 +125,19 @@ def _strided_view(t: torch.Tensor, dim: int):
     return (t, *view)
 
 
-def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An output of t's shape and (dense) layout, in `dtype`."""
-    if dtype == t.dtype:
-        return runtime.new_output_like(t)
-    return runtime.new_output(t.shape, dtype, t.device)
+def _empty_output(t: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An output of t's shape in `dtype`: t's (dense) layout where that reads as
+    (outer, N, inner), else contiguous. The fake implementations call it too, so
+    torch.compile sees the real strides."""
+    out = torch.empty_like(t, dtype=dtype)
+    if _as_3d(out, dim) is None:
+        out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return out
+
+
+def _new_output(t: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    out = _empty_output(t, dim, dtype)
+    return runtime.poisoned(out) if runtime.POISON else out
 
 
 # --------------------------------------------------------------------------- launchers
@@ -116,21 +146,17 @@ def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def launch_softmax_fwd(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None,
                        config: Config | None = None) -> torch.Tensor:
     """softmax (or log_softmax) of x (at least 1-D, dim >= 0) over `dim`, any strides,
-    written in `out_dtype` (default x's). `config` overrides softmax_config."""
+    written in `out_dtype` (default x's). `config` overrides the tuner's choice."""
     out_dtype = out_dtype or x.dtype
     x, (outer, n, inner), x_strides = _strided_view(x, dim)
-    y = _new_like(x, out_dtype)
+    y = _new_output(x, dim, out_dtype)
     if y.numel() == 0:
         return y
-    y_view = _as_3d(y, dim)
-    if y_view is None:  # an output layout of x's that does not collapse: write a contiguous one
-        y = runtime.new_output(x.shape, out_dtype, x.device)
-        y_view = _as_3d(y, dim)
     n_rows = outer * inner
-    cfg = config or softmax_config(n, n_rows, out_dtype, x_strides[1] != 1)
+    cfg = config or SOFTMAX_TUNER.select(softmax_key(n, n_rows, out_dtype, x_strides[1] != 1, log))
     grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _softmax_fwd_kernel[grid](
-        x, y, n_rows, n, inner, *x_strides, *y_view[1],
+        x, y, n_rows, n, inner, *x_strides, *_as_3d(y, dim)[1],
         ONE_PASS=n <= cfg["BLOCK_N"], LOG=log, ACC_DTYPE=acc_dtype(out_dtype),
         UPCAST=interpreter_upcast(x.dtype) or interpreter_upcast(out_dtype),
         **cfg.launch_kwargs(),
@@ -143,11 +169,11 @@ def launch_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool, x
     """The input gradient, in x_dtype, from the forward output y and its gradient dy (any strides)."""
     y, (outer, n, inner), y_strides = _strided_view(y, dim)
     dy, _, dy_strides = _strided_view(dy, dim)
-    dx = _new_like(y, x_dtype)
+    dx = _new_output(y, dim, x_dtype)
     if dx.numel() == 0:
         return dx
     n_rows = outer * inner
-    cfg = config or softmax_bwd_config(n, n_rows, y.dtype, y_strides[1] != 1)
+    cfg = config or SOFTMAX_BWD_TUNER.select(softmax_key(n, n_rows, y.dtype, y_strides[1] != 1, log))
     grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _softmax_bwd_kernel[grid](
         y, dy, dx, n_rows, n, inner, *y_strides, *dy_strides, *_as_3d(dx, dim)[1],
@@ -158,24 +184,77 @@ def launch_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool, x
     return dx
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- torch.library ops
+# tritonops::softmax and tritonops::log_softmax take any rank (0-D included) and any
+# dim in range; their fake implementations allocate as the real ones do (same
+# layout rules), and their autograd formulas call tritonops::softmax_backward.
 
 
-class SoftmaxFunction(torch.autograd.Function):
-    """softmax / log_softmax of x (at least 1-D) over dim >= 0, output in out_dtype."""
+def _as_1d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1) if t.dim() == 0 else t
 
-    @staticmethod
-    def forward(ctx, x, dim, log, out_dtype):
-        y = launch_softmax_fwd(x, dim, log, out_dtype)
-        ctx.save_for_backward(y)
-        ctx.dim, ctx.log, ctx.x_dtype = dim, log, x.dtype
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return launch_softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.x_dtype), None, None, None
+def _softmax_impl(input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> torch.Tensor:
+    x = _as_1d(input)
+    y = launch_softmax_fwd(x, dim % x.dim(), log, dtype or input.dtype)
+    return y.view(()) if input.dim() == 0 else y
+
+
+def _softmax_fake(input: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    x = _as_1d(input)
+    dim = dim % x.dim()
+    y = _empty_output(_strided_view(x, dim)[0], dim, dtype or input.dtype)
+    return y.view(()) if input.dim() == 0 else y
+
+
+@torch.library.custom_op("tritonops::softmax", mutates_args=())
+def softmax_op(input: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """F.softmax(input, dim) written in `dtype` (default input's) on our kernel (validated inputs)."""
+    return _softmax_impl(input, dim, dtype, log=False)
+
+
+@torch.library.custom_op("tritonops::log_softmax", mutates_args=())
+def log_softmax_op(input: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """F.log_softmax(input, dim) written in `dtype` (default input's) on our kernel."""
+    return _softmax_impl(input, dim, dtype, log=True)
+
+
+softmax_op.register_fake(_softmax_fake)
+log_softmax_op.register_fake(_softmax_fake)
+
+
+@torch.library.custom_op("tritonops::softmax_backward", mutates_args=())
+def softmax_backward_op(grad: torch.Tensor, output: torch.Tensor, dim: int, log: bool,
+                        input_dtype: torch.dtype) -> torch.Tensor:
+    """d input of softmax (log_softmax if `log`) from its output and the output's gradient."""
+    y = _as_1d(output)
+    dx = launch_softmax_bwd(y, _as_1d(grad), dim % y.dim(), log, input_dtype)
+    return dx.view(()) if output.dim() == 0 else dx
+
+
+@softmax_backward_op.register_fake
+def _(grad, output, dim, log, input_dtype):
+    y = _as_1d(output)
+    dim = dim % y.dim()
+    dx = _empty_output(_strided_view(y, dim)[0], dim, input_dtype)
+    return dx.view(()) if output.dim() == 0 else dx
+
+
+def _softmax_setup(ctx, inputs, output):
+    input, dim, _ = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.input_dtype = dim, input.dtype
+
+
+def _softmax_grad(log: bool):
+    def grad_fn(ctx, grad):
+        (output,) = ctx.saved_tensors
+        return softmax_backward_op(grad, output, ctx.dim, log, ctx.input_dtype), None, None
+    return grad_fn
+
+
+softmax_op.register_autograd(_softmax_grad(False), setup_context=_softmax_setup)
+log_softmax_op.register_autograd(_softmax_grad(True), setup_context=_softmax_setup)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -210,9 +289,7 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: torch.dtype | None, 
     d = _wrap_dim(dim, input.dim())
     if use_reference(op, device):
         return (F.log_softmax if log else F.softmax)(input, d, dtype=dtype)
-    x = input.reshape(1) if input.dim() == 0 else input
-    y = SoftmaxFunction.apply(x, d, log, dtype or input.dtype)
-    return y.view(()) if input.dim() == 0 else y
+    return (log_softmax_op if log else softmax_op)(input, d, dtype)
 
 
 def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -224,3 +301,23 @@ def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> 
 def log_softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.log_softmax on a Triton kernel; as softmax."""
     return _softmax("log_softmax", input, dim, dtype, log=True)
+
+
+# --------------------------------------------------------------------------- the `autotune` command
+
+
+
+def _tune_keys(log: bool):
+    def keys(shape: tuple, dtype: str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        rows, cols = shape
+        key = softmax_key(cols, rows, getattr(torch, dtype), False, log)
+        return [(SOFTMAX_TUNER, key), (SOFTMAX_BWD_TUNER, key)]
+    return keys
+
+
+register(TunableOp("softmax", "ROWSxCOLS", _tune_keys(False), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
+                   help="softmax over the last dim of (ROWS, COLS), forward and backward"))
+register(TunableOp("log_softmax", "ROWSxCOLS", _tune_keys(True), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
+                   help="log_softmax over the last dim of (ROWS, COLS), forward and backward"))

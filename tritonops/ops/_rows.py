@@ -1,0 +1,84 @@
+"""Tiles of the row-wise reductions (softmax, layer_norm, rms_norm): the heuristic, the
+search-space values and rules they share, and the rows x columns shapes they are tuned on."""
+
+import torch
+import triton
+
+from autotune import Config
+
+from ._common import DTYPE_NAMES
+
+ONE_PASS_MAX = {2: 16384, 4: 16384, 8: 8192}  # most elements of one row held in one tile, by itemsize
+LOOP_BLOCK_N = 4096  # chunk of a longer row, swept twice (online softmax)
+SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
+STRIDED_ROWS = 32  # rows per program when the reduced dim is not the unit-stride one
+ITEMSIZE = {name: getattr(torch, name).itemsize for name in DTYPE_NAMES.values()}
+
+
+def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool) -> Config:
+    """BLOCK_R x BLOCK_N tile for a row-wise reduction (softmax, norms).
+
+    - Unit-stride rows: BLOCK_N = next_pow2(N) (at least 16) while that fits in one
+      tile (ONE_PASS_MAX, 16K elements, 8K for float64); longer rows loop over
+      LOOP_BLOCK_N chunks. Short rows are stacked, BLOCK_R = SHORT_ROW_TILE // BLOCK_N
+      (never past next_pow2(n_rows)), so each program moves enough bytes.
+    - Strided rows (the reduced dim is not unit-stride, e.g. softmax over dim 1 of
+      (B, C, L)): BLOCK_R = 32 neighbouring rows, which are contiguous in memory, so the
+      loads coalesce; BLOCK_N fills the rest of the one-tile budget, looping beyond it.
+    Warps grow with the tile (row_num_warps); 2 stages only where there is a loop.
+    """
+    one_pass_max = ONE_PASS_MAX[itemsize]
+    rows_cap = triton.next_power_of_2(max(n_rows, 1))
+    if strided:
+        block_r = min(STRIDED_ROWS, rows_cap)
+        block_n = min(max(16, triton.next_power_of_2(n_cols)), one_pass_max // block_r)
+    elif n_cols <= one_pass_max:
+        block_n = max(16, triton.next_power_of_2(n_cols))
+        block_r = max(1, min(SHORT_ROW_TILE // block_n, rows_cap))
+    else:
+        block_n, block_r = LOOP_BLOCK_N, 1
+    looped = n_cols > block_n
+    return Config({"BLOCK_R": block_r, "BLOCK_N": block_n},
+                  num_warps=row_num_warps(block_r * block_n), num_stages=2 if looped else 1)
+
+
+def row_num_warps(tile: int) -> int:
+    """Warps for a row-reduction tile of `tile` elements: 4, 8 from 2048, 16 from 8192,
+    32 from 32768 (as Liger)."""
+    return 4 if tile < 2048 else 8 if tile < 8192 else 16 if tile < 32768 else 32
+
+
+def row_tile_rules(rows_param: str):
+    """Constraints every row-reduction space shares, for a tile of `rows_param` x BLOCK_N."""
+
+    def fits(config: Config, problem: dict) -> bool:
+        """A tile the kernel holds in registers: at most 64 fp32 (32 fp64) accumulator
+        values a thread, BLOCK_N within one tile's budget (16K, 8K for float64)."""
+        itemsize = problem.get("itemsize", 4)
+        tile = config[rows_param] * config["BLOCK_N"]
+        acc_bytes = 8 if itemsize == 8 else 4
+        return (16 <= config["BLOCK_N"] <= ONE_PASS_MAX[itemsize]
+                and tile * acc_bytes <= 256 * 32 * config.num_warps)
+
+    def useful(config: Config, problem: dict) -> bool:
+        """No block past the rows there are; no warp without a row element (small tiles
+        may still take 4 warps); pipeline stages only where BLOCK_N loops over a row."""
+        tile = config[rows_param] * config["BLOCK_N"]
+        if "ROWS" in problem and config[rows_param] > triton.next_power_of_2(max(problem["ROWS"], 1)):
+            return False
+        if 32 * config.num_warps > max(128, tile):
+            return False
+        looped = "N" in problem and problem["N"] > config["BLOCK_N"]
+        return looped or config.num_stages == 1
+
+    return [fits, useful]
+
+
+ROW_BLOCKS = [1, 2, 4, 8, 16, 32, 64]
+COL_BLOCKS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+ROW_WARPS = [1, 2, 4, 8, 16, 32]
+ROW_STAGES = [1, 2, 3]
+
+
+LLM_ROWS_COLS = [(4096, n) for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]
+DTYPES = ("float16", "bfloat16", "float32", "float64")
