@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonops
-from tritonops import reference, runtime
+from tritonops import runtime
 
 
 def _cases(device: torch.device, dtype: torch.dtype):
@@ -25,7 +25,16 @@ def _cases(device: torch.device, dtype: torch.dtype):
     yield "matmul", tritonops.matmul, torch.matmul, (a, b), {}
     x, w, bias = randn(4, 33, 96), randn(120, 96) / 10, randn(120)
     yield "linear", tritonops.linear, F.linear, (x, w, bias), {}
-    yield "linear + gelu (fused)", tritonops.linear, reference.linear, (x, w, bias), {"activation": "gelu"}
+    yield "linear + gelu (fused)", lambda *t: tritonops.linear(*t, activation="gelu"), \
+        lambda *t: F.gelu(F.linear(*t)), (x, w, bias), {}
+    rows = randn(64, 1000)
+    yield "softmax", tritonops.softmax, F.softmax, (rows,), {"dim": -1}
+    yield "layer_norm", lambda t, w, b: tritonops.layer_norm(t, (1000,), w, b), \
+        lambda t, w, b: F.layer_norm(t, (1000,), w, b), (rows, randn(1000), randn(1000)), {}
+    yield "rms_norm", lambda t, w: tritonops.rms_norm(t, (1000,), w), \
+        lambda t, w: F.rms_norm(t, (1000,), w), (rows, randn(1000)), {}
+    q, k, v = randn(2, 4, 100, 64), randn(2, 4, 120, 64), randn(2, 4, 120, 64)
+    yield "attention (causal)", tritonops.attention, F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}
 
 
 def main(argv=None) -> int:
@@ -42,9 +51,8 @@ def main(argv=None) -> int:
               "to run the Triton kernels under the interpreter)")
     for name, ours, theirs, inputs, kwargs in _cases(device, dtype):
         out = ours(*inputs, **kwargs)
-        ref_kwargs = {"activation_name": kwargs["activation"]} if kwargs else {}
-        expected = theirs(*(t.double() for t in inputs), **ref_kwargs)
-        torch_out = theirs(*inputs, **ref_kwargs)
+        expected = theirs(*(t.double() for t in inputs), **kwargs)
+        torch_out = theirs(*inputs, **kwargs)
         err = (out.double() - expected).abs().max().item()
         torch_err = (torch_out.double() - expected).abs().max().item()
         print(f"  {name:22s} shape {str(tuple(out.shape)):16s} max error {err:.3e}  (torch {args.dtype}: {torch_err:.3e})")
