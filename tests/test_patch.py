@@ -69,24 +69,24 @@ class TinyGPT(nn.Module):
 
 
 def _step(model, idx, targets):
-    """Logits and the gradients of one training step."""
+    """Log-probabilities and the gradients of one training step."""
     model.zero_grad(set_to_none=True)
     out = model(idx)
+    if not isinstance(out, torch.Tensor):  # a transformers model's output
+        out = out.logits.log_softmax(-1)
     loss = F.nll_loss(out.flatten(0, 1), targets.flatten())
     loss.backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare_to_unpatched(model, make_inputs, patched_model=None):
+def _compare_to_unpatched(unpatched, patched, idx, targets):
     """Patched float32 vs unpatched float64 (truth) and unpatched float32 (torch's bar)."""
-    torch_model = copy.deepcopy(model)
-    ref_model = copy.deepcopy(model).double()
-    patched = patched_model or model
-    idx, targets = make_inputs()
+    ref_model = copy.deepcopy(unpatched).double()
     out, grads = _step(patched, idx, targets)
     ref_out, ref_grads = _step(ref_model, idx, targets)
-    torch_out, torch_grads = _step(torch_model, idx, targets)
-    reference.assert_close(out, ref_out, torch_out, what="logits")
+    torch_out, torch_grads = _step(unpatched, idx, targets)
+    reference.assert_close(out, ref_out, torch_out, what="log-probabilities")
+    assert grads.keys() == torch_grads.keys()
     for name, g in grads.items():
         reference.assert_close(g, ref_grads[name], torch_grads[name], what=f"grad of {name}")
 
@@ -110,11 +110,17 @@ def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
         targets = torch.randint(0, 37, (2, 11), device=device)
         unpatched = copy.deepcopy(model)
         tritonops.unpatch(unpatched)
-        _compare_to_unpatched(unpatched, lambda: (idx, targets), patched_model=model)
+        _compare_to_unpatched(unpatched, model, idx, targets)
     finally:
         attention_ops.attention = attention
     assert len(calls) == 2  # one attention call per block went to tritonops
     assert F.scaled_dot_product_attention is tritonops.patching._torch_sdpa  # restored after forward
+
+    twin = copy.deepcopy(model)  # a copy of a patched model runs its own weights
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert not torch.equal(twin(idx), model(idx))
 
     tritonops.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
@@ -150,17 +156,9 @@ def test_patch_transformers_models(device, family):
         config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32,
                                          attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
-    model = model.to(device).eval()
+    model = model.to(device)
     unpatched = copy.deepcopy(model)
     report = tritonops.patch(model)
     assert report.replaced, str(report)
-
-    def logits(m, ids):
-        return m(input_ids=ids).logits
-
     ids = torch.randint(0, 64, (2, 9), device=device)
-    with torch.no_grad():
-        out = logits(model, ids)
-        ref = logits(copy.deepcopy(unpatched).double(), ids)
-        theirs = logits(unpatched, ids)
-    reference.assert_close(out, ref, theirs, what=f"{family} logits")
+    _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))

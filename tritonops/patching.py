@@ -11,8 +11,8 @@ no state, so parameters, buffers, hooks and optimizer state stay as they are.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -83,17 +83,18 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
     original_forward = None
     if "attention" in ops:
         original_forward = model.__dict__.get("forward")
-        bound = model.forward
-
-        @functools.wraps(bound)
-        def forward(*args, **kwargs):
-            with route_attention():
-                return bound(*args, **kwargs)
-
-        model.forward = forward
+        # a method bound to the model: copy.deepcopy rebinds it to the copy
+        model.forward = types.MethodType(_routed_forward, model)
         report.attention_routed = True
     setattr(model, _ATTR, (swapped, report.attention_routed, original_forward))
     return report
+
+
+def _routed_forward(self, *args, **kwargs):
+    """The model's own forward, with F.scaled_dot_product_attention routed to ours."""
+    original = self.__dict__[_ATTR][2]
+    with route_attention():
+        return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
 
 
 def unpatch(model: torch.nn.Module) -> None:
