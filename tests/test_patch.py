@@ -162,3 +162,25 @@ def test_patch_transformers_models(device, family):
     assert report.replaced, str(report)
     ids = torch.randint(0, 64, (2, 9), device=device)
     _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
+
+
+def test_compiled_patched_model_keeps_our_ops_in_one_graph(device):
+    model = TinyGPT().to(device)
+    tritonops.patch(model)
+    idx = torch.randint(0, 37, (2, 11), device=device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend=backend)(idx)
+    assert len(graphs) == 1  # no graph break
+    ops = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    for op in ("tritonops.linear", "tritonops.layer_norm", "tritonops.rms_norm", "tritonops.log_softmax",
+               "tritonops.attention"):
+        assert any(op in t for t in ops), f"{op} missing from the compiled graph: {sorted(ops)}"
+    assert not any("scaled_dot_product_attention" in t for t in ops)
+    assert F.scaled_dot_product_attention is tritonops.patching._torch_sdpa
+    torch.testing.assert_close(out, model(idx), rtol=0, atol=0)

@@ -93,6 +93,14 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
 def _routed_forward(self, *args, **kwargs):
     """The model's own forward, with F.scaled_dot_product_attention routed to ours."""
     original = self.__dict__[_ATTR][2]
+    if torch.compiler.is_compiling():
+        # torch.compile traces the calls: it sees the swap (no lock: dynamo cannot trace one)
+        # and bakes tritonops.attention into the graph
+        F.scaled_dot_product_attention = _routed_sdpa
+        try:
+            return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = _torch_sdpa
     with route_attention():
         return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
 
