@@ -522,7 +522,7 @@ def test_spaces_keep_their_rules():
                     smem, values = (bm + 2 * stages * bn) * d, bm * bn + bm * d
                     assert warps == 4 or (bm == 128 and bm * bn >= 128 * 64)  # sm90 (the stand-in is an H100)
                 elif tuner is TUNERS["dkdv"]:
-                    smem, values = (stages * bm + bn) * 2 * d, bn * bm + 2 * bn * d
+                    smem, values = ((2 * stages + 1) * bm + 2 * bn) * d, bn * bm + 2 * bn * d
                     assert warps == 4 or bn >= 64
                 else:
                     smem, values = (bm + stages * bn) * 2 * d, bm * bn + bm * d
