@@ -26,7 +26,7 @@ from .cache import CacheDir, bundle_entries, decode_key, encode_key
 from .config import Config
 from .search import make_strategy
 from .space import Space
-from .timing import GPUTimer, Timing, WallClockTimer
+from .timing import GPUTimer, WallClockTimer
 
 MODES = ("on", "cached", "off")
 MODE_ENV = "TRITONOPS_AUTOTUNE"

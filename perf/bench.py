@@ -73,19 +73,11 @@ class Timer:
         return f"wall clock, {self.cpu_reps} runs (interpreter: not a performance number)"
 
     def __call__(self, fn) -> tuple[float, float, float]:
-        if self.gpu:
-            from triton.testing import do_bench
+        from autotune import GPUTimer, WallClockTimer
 
-            p20, p50, p80 = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.2, 0.5, 0.8])
-            return float(p20), float(p50), float(p80)
-        times = []
-        for _ in range(self.cpu_reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        pick = lambda q: times[min(len(times) - 1, max(0, round(q * (len(times) - 1))))]  # noqa: E731
-        return pick(0.2), pick(0.5), pick(0.8)
+        timer = GPUTimer(self.warmup_ms, self.rep_ms) if self.gpu else WallClockTimer(self.cpu_reps)
+        t = timer(fn, None, None)
+        return float(t.p20), float(t.p50), float(t.p80)
 
 
 def sync(gpu: bool) -> None:
