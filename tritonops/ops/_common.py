@@ -75,3 +75,8 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 def interpreter_upcast(dtype: torch.dtype) -> bool:
     """Under the interpreter 16-bit float arithmetic is wrong: kernels convert such loads to fp32."""
     return runtime.INTERPRETER and dtype in HALF_DTYPES
+
+
+def tuning_device() -> str:
+    """Where a tuner's runner builds its scratch inputs: the GPU, or the interpreter's CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

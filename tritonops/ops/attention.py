@@ -37,7 +37,7 @@ from ..kernels.attention import (
     _attn_fwd_kernel,
 )
 from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, dot_input_precision, interpreter_upcast,
-                      use_reference)
+                      tuning_device, use_reference)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -292,21 +292,17 @@ TUNE_DROPOUT = 0.1
 TUNE_SEED = 1234
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _tune_heads(L: int) -> int:
     """batch x heads of a runner's problem: TUNE_ROWS query rows on a GPU (at least
     TUNE_MIN_HEADS heads); one head under the interpreter, where timings mean nothing."""
-    return max(TUNE_MIN_HEADS, TUNE_ROWS // max(L, 1)) if _device() == "cuda" else 1
+    return max(TUNE_MIN_HEADS, TUNE_ROWS // max(L, 1)) if tuning_device() == "cuda" else 1
 
 
 def _inputs(key: tuple) -> dict:
     """q, k, v (1, BH, L|S, D) for an attention_key (E = Ev = the key's head dim), the mask
     its kind asks for ((L, S), broadcast over the heads), and dropout's p and seed."""
     head_dim, causal, dtype, L, S, mask_kind, dropout = key[:7]
-    dt, device, bh = getattr(torch, dtype), _device(), _tune_heads(L)
+    dt, device, bh = getattr(torch, dtype), tuning_device(), _tune_heads(L)
     q, k, v = (torch.randn((1, bh, n, head_dim), device=device, dtype=dt) for n in (L, S, S))
     mask = None
     if mask_kind == "bool":
@@ -363,7 +359,7 @@ def _preprocess_runner(key: tuple):
     """A preprocess launch on random o and dO (1, BH, L, Ev); returns delta."""
     head_dim, dtype, L = key
     dt, bh = getattr(torch, dtype), _tune_heads(L)
-    o, do = (torch.randn((1, bh, L, head_dim), device=_device(), dtype=dt) for _ in range(2))
+    o, do = (torch.randn((1, bh, L, head_dim), device=tuning_device(), dtype=dt) for _ in range(2))
     return lambda config: launch_attention_bwd_preprocess(o, do, config=config)
 
 

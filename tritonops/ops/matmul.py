@@ -11,7 +11,7 @@ from .. import reference, runtime
 from ..kernels import common as common_kernels
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
 from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, dot_input_precision, interpreter_upcast,
-                      use_reference)
+                      tuning_device, use_reference)
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -68,7 +68,7 @@ def _problem(key: tuple) -> dict:
 def _runner(key: tuple):
     """Inputs for `key` on the GPU (or the interpreter's CPU), and a launch into scratch outputs."""
     M, N, K, dtype, a_kmajor, b_kmajor, epilogue = key
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = tuning_device()
     dt = getattr(torch, dtype)
     a = torch.randn((M, K) if a_kmajor else (K, M), device=device, dtype=dt)
     b = torch.randn((N, K) if b_kmajor else (K, N), device=device, dtype=dt) / K ** 0.5

@@ -12,7 +12,8 @@ from autotune import Config, Space, TunableOp, Tuner, bucket, register, register
 from .. import reference, runtime
 from ..kernels import common as common_kernels
 from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel, _rstd
-from ._common import DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, use_reference
+from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, tuning_device,
+                      use_reference)
 from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, LOOP_BLOCK_N, ONE_PASS_MAX, ROW_BLOCKS, ROW_STAGES,
                     ROW_WARPS, SHORT_ROW_TILE, row_num_warps, row_tile_rules)
 
@@ -84,7 +85,7 @@ NORM_BWD_SPACE = Space(
 def _inputs(key: tuple):
     """x (rows, N), and weight / bias (N,) as the key has them (a bias only for layer_norm)."""
     n_cols, n_rows, dtype, rms, has_weight = key[:5]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = tuning_device()
     dt = getattr(torch, dtype)
     x = torch.randn((n_rows, n_cols), device=device, dtype=dt) * 2 + 0.5
     w = torch.randn(n_cols, device=device, dtype=dt) if has_weight else None

@@ -12,7 +12,7 @@ from .. import reference, runtime
 from ..kernels import common as common_kernels
 from ..kernels.softmax import _row_offsets, _softmax_bwd_kernel, _softmax_fwd_kernel
 from ._common import (DTYPE_NAMES, FLOAT_DTYPES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast,
-                      use_reference)
+                      tuning_device, use_reference)
 from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS,
                     row_tile_config, row_tile_rules)
 
@@ -49,16 +49,12 @@ SOFTMAX_SPACE = Space(
     block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules("BLOCK_R"), version=1)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _inputs(key: tuple):
     """x for a softmax_key, read over dim 1: (rows, N), or (1, N, rows) when strided."""
     n_cols, n_rows, dtype, strided = key[:4]
     dt = getattr(torch, dtype)
     shape = (1, n_cols, n_rows) if strided else (n_rows, n_cols)
-    return torch.randn(shape, device=_device(), dtype=dt) * 3, dt
+    return torch.randn(shape, device=tuning_device(), dtype=dt) * 3, dt
 
 
 def _runner(key: tuple):
