@@ -1,6 +1,8 @@
 """The persistent cache: one JSON file per (device fingerprint, kernel identity).
 
-    $TRITONOPS_CACHE_DIR (default ~/.cache/tritonops)/<fingerprint>/<kernel identity>.json
+    $AUTOTUNE_CACHE_DIR (default ~/.cache/autotune)/<fingerprint>/<kernel identity>.json
+
+(a package built on autotune may add a variable and its own default: see settings.py).
 
 Writes are read-merge-write under a file lock, into a temp file renamed over
 the old one, so N processes writing at once lose nothing and a reader never sees
@@ -19,12 +21,15 @@ from typing import Any, Iterable
 
 from filelock import FileLock
 
+from . import settings
+
 FORMAT = "autotune-cache-1"
 BUNDLE_FORMAT = "autotune-bundle-1"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TRITONOPS_CACHE_DIR") or Path.home() / ".cache" / "tritonops")
+    """The cache root that settings name now (read at each call: the variables may change)."""
+    return Path(settings.get("cache_dir")).expanduser()
 
 
 def encode_key(key: tuple) -> str:

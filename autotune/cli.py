@@ -9,6 +9,9 @@ import sys
 
 import torch
 
+from . import settings
+from .search import STRATEGIES
+
 
 def _prepare_backend() -> bool:
     """Without a GPU, kernels run under Triton's interpreter; set it before any kernel is decorated."""
@@ -35,7 +38,7 @@ def _parse_shapes(text: str, dims: str) -> list[tuple]:
 
 
 def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
-    """(kernel, key) pairs of a TRITONOPS_RECORD trace, first occurrence order, no repeats."""
+    """(kernel, key) pairs of a trace (recorded with $AUTOTUNE_RECORD), first occurrence order, no repeats."""
     from .registry import TUNERS
 
     jobs = {}
@@ -79,7 +82,7 @@ def _worker(device: int, jobs, args, plugins_env: str | None):
     from .registry import load_plugins
 
     if plugins_env is not None:
-        os.environ["AUTOTUNE_PLUGINS"] = plugins_env
+        os.environ[settings.variable("plugins")] = plugins_env
     load_plugins()
     return _tune_jobs(jobs, args, device)
 
@@ -95,7 +98,7 @@ def _tune_on_devices(jobs, args):
         return _tune_jobs(jobs, args, devices[0] if devices and torch.cuda.is_available() else None)
     shares = [jobs[i::len(devices)] for i in range(len(devices))]
     with mp.get_context("spawn").Pool(len(devices)) as pool:
-        parts = pool.starmap(_worker, [(d, share, args, os.environ.get("AUTOTUNE_PLUGINS"))
+        parts = pool.starmap(_worker, [(d, share, args, settings.get("plugins"))
                                        for d, share in zip(devices, shares)])
     return [row for part in parts for row in part]
 
@@ -159,12 +162,19 @@ def _print_table(rows) -> None:
         if entry is None:
             print(f"{kernel:14s} {str(key):44s} {'(no config ran)':52s}")
             continue
-        win = ",".join(f"{k}={v}" for k, v in entry["winner"].items())
+        win = _config_text(entry["winner"])
         ms = entry["timing"]["p50"]
         dflt = entry.get("default", {}).get("timing", {}).get("p50")
         speedup = f"{dflt / ms:9.2f}x" if dflt and ms else "      n/a"
         print(f"{kernel:14s} {str(key):44s} {win:52s} {ms:9.4f} {speedup:>10s} "
               f"{entry['provenance'].get('evaluations', 0):5d}")
+
+
+def _config_text(winner: dict) -> str:
+    """A stored config on one line, host parameters after the launch options."""
+    host = winner.get("host") if isinstance(winner.get("host"), dict) else {}
+    fields = {k: v for k, v in winner.items() if k != "host"}
+    return ",".join(f"{k}={v}" for k, v in {**fields, **host}.items())
 
 
 def cmd_show(args, cache) -> int:
@@ -179,7 +189,7 @@ def cmd_show(args, cache) -> int:
         entries = f.read()
         print(f"{f.header['fingerprint']} / {f.header['identity']}: {len(entries)} key(s)")
         for key, entry in sorted(entries.items()):
-            win = ",".join(f"{k}={v}" for k, v in entry.get("winner", {}).items())
+            win = _config_text(entry.get("winner", {}))
             ms = entry.get("timing", {}).get("p50", float("nan"))
             print(f"  {key:44s} {win:52s} {ms:9.4f} ms")
     return 0
@@ -195,12 +205,14 @@ def cmd_info(args, cache) -> int:
     print(f"device:       {props['name']} (sm{props['capability'][0]}{props['capability'][1]})"
           + ("" if gpu_available() else "  [no GPU: Triton interpreter; timings are not GPU timings]"))
     print(f"fingerprint:  {device_fingerprint()}")
-    print(f"cache dir:    {cache.root}")
+    print(f"cache dir:    {cache.root}  ({settings.describe('cache_dir')})")
     try:
         mode = default_mode()
     except ValueError as e:
         mode = f"invalid ({e})"
-    print(f"mode:         {mode}  (TRITONOPS_AUTOTUNE)")
+    print(f"mode:         {mode}  ({settings.describe('mode')})")
+    record = settings.get("record")
+    print(f"trace:        {record or 'not recorded'}  ({settings.describe('record')})")
     print(f"triton:       {triton.__version__}")
     print(f"torch:        {torch.__version__}")
     return 0
@@ -208,7 +220,8 @@ def cmd_info(args, cache) -> int:
 
 def build_parser(registry) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autotune", description="Tune Triton kernels per GPU and keep the winners.")
-    parser.add_argument("--cache-dir", help="cache directory (default: $TRITONOPS_CACHE_DIR or ~/.cache/tritonops)")
+    parser.add_argument("--cache-dir", help=f"cache directory (default: {settings.describe('cache_dir')}, "
+                                            f"else {settings.default('cache_dir')})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ops_help = "; ".join(f"{o.name} ({o.dims})" for o in registry.values()) or "none registered"
@@ -217,10 +230,13 @@ def build_parser(registry) -> argparse.ArgumentParser:
     t.add_argument("--shapes", help="shapes as the op's dims joined by x, comma-separated, e.g. 4096x4096x4096,1x4096x11008")
     t.add_argument("--preset", help="a named shape preset of the op")
     t.add_argument("--dtype", help="comma-separated dtypes (default: the op's)")
-    t.add_argument("--strategy", default="local", choices=["exhaustive", "random", "local"])
+    t.add_argument("--strategy", default="local", choices=sorted(STRATEGIES),
+                   help="how to search each key's configs (default: local)")
     t.add_argument("--budget", type=int, help="at most this many configs timed per key")
     t.add_argument("--seconds", type=float, help="at most this many seconds per key")
-    t.add_argument("--from-trace", metavar="FILE", help="tune the (kernel, key) pairs a run recorded with TRITONOPS_RECORD=FILE")
+    t.add_argument("--from-trace", metavar="FILE",
+                   help=f"tune the (kernel, key) pairs of a trace FILE, which a run writes when "
+                        f"{settings.describe('record')} names it")
     t.add_argument("--devices", help="'all' (one worker per GPU) or a list like 0,1,3: split the keys over GPUs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -246,16 +262,32 @@ def build_parser(registry) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _prepare_backend()
     from .cache import CacheDir
-    from .device import device_fingerprint
     from .registry import REGISTRY, load_plugins
 
     failed = load_plugins()
     for f in failed:
         print(f"autotune: warning: plugin not loaded: {f}", file=sys.stderr)
     args = build_parser(REGISTRY).parse_args(argv)
-    if args.cache_dir:
-        os.environ["TRITONOPS_CACHE_DIR"] = args.cache_dir
-    cache = CacheDir(args.cache_dir)
+    if not args.cache_dir:
+        return _run(args, CacheDir())
+    # The AUTOTUNE_ variable wins over every alias, and worker processes inherit it; it is
+    # set for this command only, so a program that calls main() keeps its own setting.
+    variable = settings.variable("cache_dir")
+    before = os.environ.get(variable)
+    os.environ[variable] = args.cache_dir
+    try:
+        return _run(args, CacheDir(args.cache_dir))
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
+
+
+def _run(args, cache) -> int:
+    from .device import device_fingerprint
+    from .registry import REGISTRY
+
     if args.command == "tune":
         return cmd_tune(args, REGISTRY)
     if args.command == "show":

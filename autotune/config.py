@@ -1,4 +1,4 @@
-"""A kernel configuration: meta-parameters plus launch options, stored as data."""
+"""A kernel configuration: meta-parameters, launch options and host parameters, stored as data."""
 
 from __future__ import annotations
 
@@ -6,26 +6,49 @@ import json
 from typing import Any, Mapping
 
 LAUNCH_FIELDS = ("num_warps", "num_stages")
+HOST_FIELD = "host"  # the key of the host parameters in to_dict(); never a meta-parameter name
+
+
+def _check_scalars(group: str, values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float, str, bool)):
+            raise ValueError(f"config {group} {name!r} has a non-scalar value {value!r}")
 
 
 class Config:
-    """Meta-parameters (constexpr kernel arguments) plus `num_warps` and `num_stages`.
+    """Three groups of tuned values:
 
-    Immutable and hashable; round-trips through JSON by field names, e.g.
-    ``{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}``.
+    meta:      constexpr kernel arguments, passed to the kernel (`launch_kwargs()`);
+    launch:    `num_warps` and `num_stages`, passed to the kernel launch;
+    host:      parameters the launcher uses on the host and never passes to the kernel,
+               e.g. PROGRAMS_PER_SM, from which it computes a persistent grid's size.
+
+    `config[name]` finds a name in any group. Immutable and hashable; round-trips through
+    JSON by field names, e.g. ``{"BLOCK_M": 128, "num_warps": 4, "num_stages": 3,
+    "host": {"PROGRAMS_PER_SM": 2}}`` (the "host" item only when there are host parameters).
     """
 
-    __slots__ = ("_meta", "num_warps", "num_stages", "_key")
+    __slots__ = ("_meta", "num_warps", "num_stages", "_host", "_key")
 
-    def __init__(self, meta: Mapping[str, Any] | None = None, num_warps: int = 4, num_stages: int = 3):
+    def __init__(self, meta: Mapping[str, Any] | None = None, num_warps: int = 4, num_stages: int = 3,
+                 host: Mapping[str, Any] | None = None):
         meta = dict(meta or {})
+        host = dict(host or {})
         for name in LAUNCH_FIELDS:
-            if name in meta:
-                raise ValueError(f"{name} is a launch option, not a meta-parameter")
+            if name in meta or name in host:
+                raise ValueError(f"{name} is a launch option, not a meta-parameter or host parameter")
+        if HOST_FIELD in meta or HOST_FIELD in host:
+            raise ValueError(f"{HOST_FIELD!r} names the host parameter group; it cannot be a parameter")
+        both = sorted(set(meta) & set(host))
+        if both:
+            raise ValueError(f"{both} cannot be both meta-parameters and host parameters")
         object.__setattr__(self, "_meta", meta)
         object.__setattr__(self, "num_warps", int(num_warps))
         object.__setattr__(self, "num_stages", int(num_stages))
-        object.__setattr__(self, "_key", (tuple(sorted(meta.items())), self.num_warps, self.num_stages))
+        object.__setattr__(self, "_host", host)
+        # host last: configs without host parameters keep the order they always had
+        object.__setattr__(self, "_key", (tuple(sorted(meta.items())), self.num_warps, self.num_stages,
+                                          tuple(sorted(host.items()))))
 
     def __setattr__(self, name, value):
         raise AttributeError("Config is immutable")
@@ -35,10 +58,17 @@ class Config:
         """The meta-parameters, as a fresh dict (safe to pass as **kwargs)."""
         return dict(self._meta)
 
+    @property
+    def host(self) -> dict:
+        """The host parameters, as a fresh dict."""
+        return dict(self._host)
+
     def __getitem__(self, name: str) -> Any:
         if name in LAUNCH_FIELDS:
             return getattr(self, name)
-        return self._meta[name]
+        if name in self._meta:
+            return self._meta[name]
+        return self._host[name]
 
     def get(self, name: str, default: Any = None) -> Any:
         try:
@@ -47,28 +77,36 @@ class Config:
             return default
 
     def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes`; a name stays in the group it is in (a new name is a meta-parameter)."""
         meta = dict(self._meta)
+        host = dict(self._host)
         launch = {"num_warps": self.num_warps, "num_stages": self.num_stages}
         for name, value in changes.items():
-            (launch if name in LAUNCH_FIELDS else meta)[name] = value
-        return Config(meta, **launch)
+            (launch if name in LAUNCH_FIELDS else host if name in host else meta)[name] = value
+        return Config(meta, **launch, host=host)
 
     def launch_kwargs(self) -> dict:
-        """Keyword arguments for `kernel[grid](..., **config.launch_kwargs())`."""
+        """Keyword arguments for `kernel[grid](..., **config.launch_kwargs())`: no host parameters."""
         return {**self._meta, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def to_dict(self) -> dict:
-        return self.launch_kwargs()
+        out = self.launch_kwargs()
+        if self._host:
+            out[HOST_FIELD] = dict(self._host)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
         data = dict(data)
         num_warps = data.pop("num_warps", 4)
         num_stages = data.pop("num_stages", 3)
-        for name, value in data.items():
-            if not isinstance(value, (int, float, str, bool)) or value is None:
-                raise ValueError(f"config field {name!r} has a non-scalar value {value!r}")
-        return cls(data, num_warps=num_warps, num_stages=num_stages)
+        host = data.pop(HOST_FIELD, None)
+        if host is not None and not isinstance(host, Mapping):
+            raise ValueError(f"config {HOST_FIELD!r} must map host parameter names to values, not {host!r}")
+        host = dict(host or {})
+        _check_scalars("field", data)
+        _check_scalars("host parameter", host)
+        return cls(data, num_warps=num_warps, num_stages=num_stages, host=host)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -88,4 +126,5 @@ class Config:
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in sorted(self._meta.items()))
-        return f"Config({fields}, num_warps={self.num_warps}, num_stages={self.num_stages})"
+        host = f", host={dict(sorted(self._host.items()))!r}" if self._host else ""
+        return f"Config({fields}, num_warps={self.num_warps}, num_stages={self.num_stages}{host})"

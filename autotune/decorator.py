@@ -6,6 +6,9 @@
 
     add_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, out, n)
 
+The grid callable sees the kernel's arguments, the config's meta-parameters and its
+host parameters (a Space's `host_params`); the kernel gets no host parameter.
+
 The key is the values of the `key` arguments (those named in `bucket` rounded up
 to a power of two) and the dtypes of the tensor arguments. Tuning runs on copies
 of the tensor arguments, so the caller's tensors are written only once, by the
@@ -66,7 +69,8 @@ class Autotuned:
         return launch
 
     def _launch(self, grid, bound: dict, config: Config):
-        meta = {**bound, **config.meta}
+        # the grid sees host parameters (they size it, e.g. a persistent grid); the kernel never does
+        meta = {**bound, **config.meta, **config.host}
         g = grid(meta) if callable(grid) else grid
         return self.fn[g](**bound, **config.launch_kwargs())
 

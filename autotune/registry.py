@@ -7,12 +7,13 @@ comma-separated module names) before it looks an op up.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import os
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
+from . import settings
 from .tuner import Tuner
 
 
@@ -51,7 +52,7 @@ def register_tuner(tuner: Tuner) -> Tuner:
 def load_plugins() -> list[str]:
     """Import every plugin package; returns the names that failed to import, with why."""
     names = [ep.value for ep in metadata.entry_points(group="autotune.plugins")]
-    names += [n.strip() for n in os.environ.get("AUTOTUNE_PLUGINS", "").split(",") if n.strip()]
+    names += [n.strip() for n in (settings.get("plugins") or "").split(",") if n.strip()]
     failed = []
     for name in dict.fromkeys(names):
         try:
@@ -59,3 +60,33 @@ def load_plugins() -> list[str]:
         except Exception as e:  # noqa: BLE001 - reported by the command
             failed.append(f"{name}: {type(e).__name__}: {e}")
     return failed
+
+
+@contextlib.contextmanager
+def override(tuners: Iterable[Tuner | str] | None = None, **fields: Any) -> Iterator[list[Tuner]]:
+    """`Tuner.override(**fields)` on several tuners at once, for a `with` block:
+
+        with autotune.override(mode="off"):        # every registered tuner
+            ...
+        with autotune.override([MY_TUNER, "matmul"], cache_dir=tmp, max_evals=4):
+            ...
+
+    tuners: Tuner objects or registered names; None: every tuner in TUNERS at entry.
+    Fields are checked as Tuner.override checks them, before any tuner changes.
+    """
+    Tuner.check_override(fields)  # also when no tuner is chosen: a typo is an error everywhere
+    if tuners is None:
+        chosen = list(TUNERS.values())
+    else:
+        chosen = []
+        for t in tuners:
+            if isinstance(t, str):
+                if t not in TUNERS:
+                    raise KeyError(f"no registered tuner {t!r}; known: {sorted(TUNERS)}")
+                t = TUNERS[t]
+            chosen.append(t)
+    chosen = list(dict.fromkeys(chosen))  # a tuner named twice is overridden once
+    with contextlib.ExitStack() as stack:  # on exit, or on an error entering one, every entered one is restored
+        for t in chosen:
+            stack.enter_context(t.override(**fields))
+        yield chosen

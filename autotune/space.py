@@ -16,6 +16,8 @@ class Space:
 
     params:        meta-parameter -> values, in the order that breaks ties (smaller first).
     num_warps, num_stages: launch option values.
+    host_params:   host parameter -> values (see Config: used by the launcher, never passed
+                   to the kernel, e.g. PROGRAMS_PER_SM); tie-broken after params.
     constraints:   predicates (config, problem) -> bool; a config failing one is dropped.
     smem_bytes:    (config, problem) -> shared memory the config needs; dropped above the device's limit.
     block_dims:    meta-parameter -> problem dim it tiles; a block more than the next power of
@@ -29,8 +31,12 @@ class Space:
                  num_stages: Sequence[int] = (3,), constraints: Sequence[Constraint] = (),
                  smem_bytes: Callable[[Config, Problem], int] | None = None,
                  block_dims: Mapping[str, str] | None = None, dot_params: Sequence[str] = (),
-                 version: int = 1):
+                 version: int = 1, host_params: Mapping[str, Sequence[Any]] | None = None):
         self.params = {k: list(v) for k, v in params.items()}
+        self.host_params = {k: list(v) for k, v in (host_params or {}).items()}
+        both = sorted(set(self.params) & set(self.host_params))
+        if both:
+            raise ValueError(f"{both} cannot be both meta-parameters and host parameters")
         self.num_warps = list(num_warps)
         self.num_stages = list(num_stages)
         self.constraints = list(constraints)
@@ -40,11 +46,14 @@ class Space:
         self.version = version
 
     def all_configs(self) -> list[Config]:
-        names = list(self.params)
+        names, host_names = list(self.params), list(self.host_params)
         out = []
-        for values in itertools.product(*self.params.values(), self.num_warps, self.num_stages):
-            *meta, warps, stages = values
-            out.append(Config(dict(zip(names, meta)), num_warps=warps, num_stages=stages))
+        for values in itertools.product(*self.params.values(), *self.host_params.values(), self.num_warps,
+                                        self.num_stages):
+            *tuned, warps, stages = values
+            meta, host = tuned[:len(names)], tuned[len(names):]
+            out.append(Config(dict(zip(names, meta)), num_warps=warps, num_stages=stages,
+                              host=dict(zip(host_names, host))))
         return out
 
     def valid(self, config: Config, problem: Problem | None = None, limits: Mapping[str, Any] | None = None) -> bool:
@@ -67,13 +76,15 @@ class Space:
         return sorted((c for c in self.all_configs() if self.valid(c, problem, limits)), key=self.order)
 
     def order(self, config: Config) -> tuple:
-        """The fixed tie-break order: parameters as listed (smaller first), then warps, then stages."""
-        return tuple(config[name] for name in self.params) + (config.num_warps, config.num_stages)
+        """The fixed tie-break order: parameters as listed (smaller first), then host parameters,
+        then warps, then stages."""
+        return (tuple(config[name] for name in self.params) + tuple(config[name] for name in self.host_params)
+                + (config.num_warps, config.num_stages))
 
     def neighbours(self, config: Config) -> list[Config]:
-        """Configs that differ from `config` in one parameter by one step of its value list."""
+        """Configs that differ from `config` in one parameter (of any group) by one step of its value list."""
         out = []
-        axes = {**self.params, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        axes = {**self.params, **self.host_params, "num_warps": self.num_warps, "num_stages": self.num_stages}
         for name, values in axes.items():
             try:
                 i = values.index(config[name])
@@ -100,9 +111,12 @@ class ConfigList(Space):
         if not configs:
             raise ValueError("a config list needs at least one config")
         names = sorted({n for c in configs for n in c.meta})
-        super().__init__({n: sorted({c.get(n) for c in configs if c.get(n) is not None}) for n in names},
+        host_names = sorted({n for c in configs for n in c.host})
+        values = lambda n: sorted({c.get(n) for c in configs if c.get(n) is not None})  # noqa: E731
+        super().__init__({n: values(n) for n in names},
                          num_warps=sorted({c.num_warps for c in configs}),
-                         num_stages=sorted({c.num_stages for c in configs}), version=version, **kwargs)
+                         num_stages=sorted({c.num_stages for c in configs}), version=version,
+                         host_params={n: values(n) for n in host_names}, **kwargs)
         self._configs = configs
         self._index = {c: i for i, c in enumerate(configs)}
 
@@ -113,14 +127,14 @@ class ConfigList(Space):
         return (self._index.get(config, len(self._index)),) + super().order(config)
 
     def neighbours(self, config):
-        fields = lambda c: {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}  # noqa: E731
+        fields = lambda c: {**c.meta, **c.host, "num_warps": c.num_warps, "num_stages": c.num_stages}  # noqa: E731
         mine = fields(config)
         return [c for c in self._configs
                 if sum(1 for k, v in fields(c).items() if mine.get(k) != v) == 1]
 
 
 def as_config(c) -> Config:
-    """An autotune.Config from itself, a dict, or a triton.Config."""
+    """An autotune.Config from itself, a dict (as `Config.to_dict` writes it), or a triton.Config."""
     if isinstance(c, Config):
         return c
     if isinstance(c, dict):

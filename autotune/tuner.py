@@ -2,35 +2,39 @@
 
 `Tuner.select(key)` looks in turn at
   1. this process's memory (a dict lookup: the hot path),
-  2. the user cache ($TRITONOPS_CACHE_DIR),
+  2. the user cache ($AUTOTUNE_CACHE_DIR, default ~/.cache/autotune),
   3. configs shipped with the package (bundles, one per GPU),
   4. mode "on": tunes now and stores the winner; mode "cached": the nearest tuned key,
   5. the heuristic default,
-and remembers the answer.
+and remembers the answer. The mode comes from the tuner, else from $AUTOTUNE_MODE;
+with $AUTOTUNE_RECORD set, every new key is appended to that trace file. A package
+built on autotune may add its own names for these variables (see settings.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import inspect
 import math
 import os
 import platform
+import sys
+import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import device as _device
+from . import settings
 from .cache import CacheDir, bundle_entries, decode_key, encode_key
 from .config import Config
-from .search import make_strategy
+from .search import STRATEGIES, make_strategy
 from .space import Space
 from .timing import GPUTimer, WallClockTimer
 
 MODES = ("on", "cached", "off")
-MODE_ENV = "TRITONOPS_AUTOTUNE"
-RECORD_ENV = "TRITONOPS_RECORD"
 
 
 def distributed_active() -> bool:
@@ -42,9 +46,9 @@ def distributed_active() -> bool:
 
 
 def record_key(kernel: str, key: tuple) -> None:
-    """With $TRITONOPS_RECORD set, append (kernel, key) as a JSON line: a trace for
-    `autotune tune --from-trace`. Called once per new key per process."""
-    path = os.environ.get(RECORD_ENV)
+    """With $AUTOTUNE_RECORD (settings "record") set, append (kernel, key) as a JSON line:
+    a trace for `autotune tune --from-trace`. Called once per new key per process."""
+    path = settings.get("record")
     if not path:
         return
     import json
@@ -58,10 +62,15 @@ def record_key(kernel: str, key: tuple) -> None:
 
 
 def default_mode() -> str:
-    mode = os.environ.get(MODE_ENV, "").strip().lower()
+    """The mode of tuners that set none: $AUTOTUNE_MODE (settings "mode"), else "on" with a GPU
+    and "off" without (interpreter timings say nothing about a GPU)."""
+    value, variable = settings.lookup("mode")
+    mode = (value or "").strip().lower()
     if mode:
         if mode not in MODES:
-            raise ValueError(f"{MODE_ENV}={mode!r}; expected one of {MODES}")
+            if variable is None:  # a package's settings.set_default("mode", ...)
+                raise ValueError(f"default autotune mode {value!r}; expected one of {MODES}")
+            raise ValueError(f"{variable}={value!r}; expected one of {MODES}")
         return mode
     return "on" if _device.gpu_available() else "off"
 
@@ -72,16 +81,181 @@ def bucket(n: int) -> int:
 
 
 def source_hash(*objects: Any) -> str:
-    """A hash of the source of functions, Triton kernels, modules or plain strings."""
+    """A hash of the source of Triton kernels, functions, modules or plain strings.
+
+    A Triton JIT function counts with every JIT function it calls, transitively, and the
+    `tl.constexpr` globals their code names: editing a helper the kernel calls
+    changes the hash, so a cached winner of the old code is never used for the new.
+    A module counts with the JIT functions its own JIT functions call in other modules.
+    Strings and plain functions are hashed as given.
+    """
     h = hashlib.sha256()
     for obj in objects:
-        if isinstance(obj, str):
-            text = obj
-        else:
-            obj = getattr(obj, "fn", obj)  # a Triton JITFunction / InterpretedFunction wraps .fn
-            text = inspect.getsource(obj)
-        h.update(text.encode())
+        texts = _source_texts(obj)
+        h.update(texts[0].encode())
+        for text in texts[1:]:
+            h.update(b"\0" + text.encode())  # what the given code reaches
     return h.hexdigest()[:16]
+
+
+def _jit_types() -> tuple[type, ...]:
+    """The classes of Triton JIT functions in this process: JITFunction (JITCallable, which
+    also covers constexpr_function, where it exists) and, under TRITON_INTERPRET=1, what
+    `@triton.jit` returns instead: triton.runtime.interpreter.InterpretedFunction, which has
+    `.fn` but no `cache_key`. Taken from sys.modules: autotune never imports triton itself
+    (see device.py), and without triton loaded nothing can be a JIT function."""
+    found = []
+    jit = sys.modules.get("triton.runtime.jit")
+    if jit is not None:
+        found += [getattr(jit, n, None) for n in ("JITCallable", "JITFunction")]
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    if interpreter is not None:
+        found.append(getattr(interpreter, "InterpretedFunction", None))
+    return tuple(t for t in found if isinstance(t, type))
+
+
+def _jit_python_function(obj: Any, jit_types: tuple[type, ...]) -> types.FunctionType | None:
+    """The Python function of a Triton JIT function (None for anything else)."""
+    if jit_types and isinstance(obj, jit_types):
+        fn = getattr(obj, "fn", None)
+        if isinstance(fn, types.FunctionType):
+            return fn
+    return None
+
+
+def _in_triton(name: str) -> bool:
+    # Triton's own JIT library (tl.sum, tl.cdiv, ...) is covered by the Triton version in
+    # every cache path's device fingerprint; hashing its source would add nothing.
+    return name == "triton" or name.startswith("triton.")
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    """Global, attribute and closure names of a code object and those nested in it, in order."""
+    names = [*code.co_names, *code.co_freevars]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _code_names(const)
+    return list(dict.fromkeys(names))
+
+
+def _referenced(fn: types.FunctionType) -> Iterator[tuple[str, Any]]:
+    """(name, value) of what `fn`'s code may refer to: names in its globals and closure, and
+    attributes of referenced modules named in its code (`common.cast_to`, `pkg.mod.fn`).
+
+    A superset, from the code's name table rather than its exact attribute chains: a name
+    used elsewhere in the function that a referenced module also defines is included too.
+    That can only make the hash more sensitive, never miss a helper."""
+    names = _code_names(fn.__code__)
+    scope = dict(fn.__globals__)
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    seen_modules: set[int] = set()
+
+    def attributes(module: types.ModuleType, path: str) -> Iterator[tuple[str, Any]]:
+        if id(module) in seen_modules or _in_triton(module.__name__):
+            return
+        seen_modules.add(id(module))
+        contents = vars(module)  # vars, not getattr: no module __getattr__ hooks or lazy imports run
+        for name in names:
+            if name in contents:
+                value = contents[name]
+                yield f"{path}.{name}", value
+                if isinstance(value, types.ModuleType):
+                    yield from attributes(value, f"{path}.{name}")
+
+    for name in names:
+        if name in scope:
+            value = scope[name]
+            yield name, value
+            if isinstance(value, types.ModuleType):
+                yield from attributes(value, name)
+
+
+def _constexpr_value(value: Any) -> tuple[bool, Any]:
+    """(True, the wrapped value) for a `tl.constexpr`, else (False, value)."""
+    constexpr = getattr(sys.modules.get("triton.language.core"), "constexpr", None)
+    if isinstance(constexpr, type) and isinstance(value, constexpr):
+        return True, getattr(value, "value", value)
+    return False, value
+
+
+def _constexpr_text(value: Any) -> str | None:
+    """The value of a `tl.constexpr` global, the kind of global Triton compiles into a kernel,
+    as text that is the same in every process: scalars and Triton dtypes. Other globals are
+    left out: one computed on the machine (a path, a device count) would make the hash, and
+    so shipped configs, differ between machines; an object's repr may hold its address."""
+    is_constexpr, inner = _constexpr_value(value)
+    if not is_constexpr:
+        return None
+    if inner is None or isinstance(inner, (bool, int, float, str)):
+        return repr(inner)
+    if _in_triton(type(inner).__module__ or "") and "dtype" in type(inner).__name__:
+        return str(inner)  # tl.float16 -> "fp16"
+    return None
+
+
+def _jit_closure(roots: Sequence[types.FunctionType], jit_types: tuple[type, ...]) -> list[types.FunctionType]:
+    """The JIT functions `roots` call, transitively: Python functions in first-reached order,
+    the roots themselves and Triton's own library left out."""
+    seen = {id(f) for f in roots}
+    order: list[types.FunctionType] = []
+    todo = list(roots)
+    while todo:
+        fn = todo.pop(0)
+        for _, value in _referenced(fn):
+            # a JIT function held in a constexpr global (ACTIVATION = tl.constexpr(gelu)) is called too
+            inner = _jit_python_function(_constexpr_value(value)[1], jit_types)
+            if inner is not None and id(inner) not in seen and not _in_triton(inner.__module__ or ""):
+                seen.add(id(inner))
+                order.append(inner)
+                todo.append(inner)
+    return order
+
+
+def _constexpr_globals(fns: Sequence[types.FunctionType]) -> list[str]:
+    """'name=value' for each constexpr global the functions' code names: its value is part of
+    the kernel Triton compiles, though not of the functions' source. Names only, no module
+    names, so moving code between modules alone keeps the hash."""
+    out: dict[str, None] = {}
+    for fn in fns:
+        for name, value in _referenced(fn):
+            text = _constexpr_text(value)
+            if text is not None:
+                out[f"{name}={text}"] = None
+    return list(out)
+
+
+def _called_source(fn: types.FunctionType) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):  # defined without a file (exec): its name stands in for it
+        return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def _source_texts(obj: Any) -> list[str]:
+    """What `source_hash` hashes for one object: its own text first."""
+    if isinstance(obj, str):
+        return [obj]
+    jit_types = _jit_types()
+    if isinstance(obj, types.ModuleType):
+        own = [fn for value in vars(obj).values()
+               if (fn := _jit_python_function(value, jit_types)) is not None and fn.__module__ == obj.__name__]
+        # the module's text has its own functions and values; add what they reach elsewhere
+        elsewhere = [f for f in _jit_closure(own, jit_types) if f.__module__ != obj.__name__]
+        return [inspect.getsource(obj), *(_called_source(f) for f in elsewhere),
+                *_constexpr_globals([*own, *elsewhere])]
+    seen = set()
+    while _jit_python_function(obj, jit_types) is None and hasattr(obj, "fn") and id(obj) not in seen:
+        seen.add(id(obj))  # triton.autotune / triton.heuristics / autotune.autotune wrap a kernel in .fn
+        obj = obj.fn
+    fn = _jit_python_function(obj, jit_types)
+    if fn is None:
+        return [inspect.getsource(obj)]
+    called = _jit_closure([fn], jit_types)
+    return [inspect.getsource(fn), *(_called_source(f) for f in called), *_constexpr_globals([fn, *called])]
 
 
 def _versions() -> dict:
@@ -92,8 +266,28 @@ def _versions() -> dict:
             "driver": _device.device_properties().get("driver", "unknown")}
 
 
+# How far two configs' outputs may differ, relative to the largest finite value of the
+# default config's output, by output dtype (keyed by the dtype's name as torch spells it,
+# torch.float16 -> "float16", so that importing autotune does not import torch). Configs
+# differ in accumulation order (block sizes, split-K), hence the rounding of one output:
+#   float16   1e-2   a few ulps (2**-10) of the largest value after a long reduction
+#   bfloat16  3e-2   a few ulps (2**-7): the coarsest type
+#   float32   1e-2   tl.dot may use TF32 (10-bit mantissa) for float32 inputs
+#   float64   1e-9   no reduced-precision path: only reordering differs
+# Every other dtype (integers, bool, float8, complex) must agree exactly.
+AGREE_RTOL: dict[str, float] = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-2, "float64": 1e-9}
+
+
+def agree_rtol(dtype: Any) -> float | None:
+    """AGREE_RTOL's tolerance for a torch dtype (or its name); None: values must be equal."""
+    return AGREE_RTOL.get(str(dtype).removeprefix("torch."))
+
+
 def default_check(out: Any, ref: Any) -> bool:
-    """Outputs of two configs agree: same shapes, same non-finite places, close values."""
+    """Outputs of two configs agree: same shapes and dtypes, NaN in the same places, the same
+    infinities, and finite values within AGREE_RTOL of the reference's dtype (exactly equal
+    for dtypes the table lacks). `ref` is the default config's output: a tensor or a
+    tuple/list of them, as is `out`."""
     import torch
 
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -101,8 +295,12 @@ def default_check(out: Any, ref: Any) -> bool:
     if len(outs) != len(refs):
         return False
     for o, r in zip(outs, refs):
-        if o.shape != r.shape:
+        if o.shape != r.shape or o.dtype != r.dtype:
             return False
+        if not r.is_floating_point():  # integers, bool, complex: exact
+            if not torch.equal(o.detach(), r.detach()):
+                return False
+            continue
         o64, r64 = o.detach().double(), r.detach().double()
         if not torch.equal(torch.isnan(o64), torch.isnan(r64)):
             return False
@@ -110,7 +308,11 @@ def default_check(out: Any, ref: Any) -> bool:
         if not torch.equal(o64[~finite & ~torch.isnan(r64)], r64[~finite & ~torch.isnan(r64)]):
             return False
         if finite.any():
-            rtol = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}.get(o.dtype, 1e-8)
+            rtol = agree_rtol(r.dtype)
+            if rtol is None:
+                if not torch.equal(o64[finite], r64[finite]):
+                    return False
+                continue
             scale = r64[finite].abs().max().item() or 1.0
             if (o64[finite] - r64[finite]).abs().max().item() > rtol * scale:
                 return False
@@ -127,6 +329,9 @@ class Tuner:
     runner:   key -> launch, where launch(config) runs the kernel once on inputs built for
               `key`, writing into scratch outputs, and returns the outputs. Needed to tune.
     problem:  key -> {dim name: size} for Space pruning (optional).
+    key_type: the class of the keys (a NamedTuple, say): every key that reaches the tuner,
+              from a caller, a trace or another rank, is made one (`make_key`), so
+              `default`, `runner` and `problem` may read its fields by name. None: plain tuples.
     sources:  what identifies the kernel's code (functions, kernels, modules, strings):
               hashed, with the space's version, into the cache file's name.
     shipped:  bundle files (from `autotune export`) shipped with the package.
@@ -134,11 +339,16 @@ class Tuner:
     timer:    (run, config, key) -> Timing; do_bench on a GPU. Tests inject their own.
     tie:      relative margin within which medians tie; ties go to the first config in
               the space's order, so two runs or two ranks choose alike.
+    mode:     "on", "cached" or "off"; None: `default_mode()` ($AUTOTUNE_MODE) at each lookup.
+    cache_dir: the user cache's root; None: `cache.default_cache_dir()` ($AUTOTUNE_CACHE_DIR).
+    strategy, max_evals, max_seconds: the search and its budget per key (see search.py).
+
+    `override(**fields)` changes mode, cache_dir, strategy, budgets or timer for a `with` block.
     """
 
     def __init__(self, name: str, space: Space, default: Callable[[tuple], Config], *,
                  runner: Callable[[tuple], Callable[[Config], Any]] | None = None,
-                 problem: Callable[[tuple], dict] | None = None,
+                 problem: Callable[[tuple], dict] | None = None, key_type: type | None = None,
                  sources: Sequence[Any] = (), shipped: Iterable[str | os.PathLike] = (),
                  check: Callable[[Any, Any], bool] = default_check, timer=None, mode: str | None = None,
                  cache_dir: str | os.PathLike | None = None, strategy: str = "local",
@@ -148,6 +358,7 @@ class Tuner:
         self.default = default
         self.runner = runner
         self.problem = problem
+        self.key_type = key_type
         self.identity = f"{name}-{source_hash(*sources) if sources else 'nosource'}-v{space.version}"
         self.shipped = [Path(p) for p in shipped]
         self.check = check
@@ -160,6 +371,43 @@ class Tuner:
         self.tie = tie
         self.reset()
 
+    # The fields `override` may change: what the tuner decides with, not what it is.
+    OVERRIDABLE = ("mode", "max_evals", "max_seconds", "strategy", "timer", "cache_dir")
+
+    @classmethod
+    def check_override(cls, fields: dict) -> None:
+        """Raise what `override(**fields)` would raise for these fields, changing nothing."""
+        unknown = sorted(set(fields) - set(cls.OVERRIDABLE))
+        if unknown:
+            raise TypeError(f"Tuner.override() got unknown field(s) {unknown}; it takes {list(cls.OVERRIDABLE)}")
+        if fields.get("mode") is not None and fields["mode"] not in MODES:
+            raise ValueError(f"mode {fields['mode']!r}; expected one of {MODES} or None")
+        if "strategy" in fields and fields["strategy"] not in STRATEGIES:
+            raise ValueError(f"unknown strategy {fields['strategy']!r}; expected one of {sorted(STRATEGIES)}")
+
+    @contextlib.contextmanager
+    def override(self, **fields: Any) -> Iterator["Tuner"]:
+        """Set some of OVERRIDABLE for the duration of a `with` block:
+
+            with tuner.override(mode="on", cache_dir=tmp, max_evals=8):
+                tuner.select(key)
+
+        The tuner forgets what it chose on entry and again on exit (`reset()`), so no choice
+        made under one setting is used under the other; the old values come back on exit,
+        also when the block raises. An unknown field name is a TypeError, a mode outside
+        MODES or an unknown strategy a ValueError, before anything changes."""
+        self.check_override(fields)
+        old = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.reset()
+        try:
+            yield self
+        finally:
+            for name, value in old.items():
+                setattr(self, name, value)
+            self.reset()
+
     # ------------------------------------------------------------------ lookup
     def reset(self) -> None:
         """Forget what this process chose (after a change of mode, cache dir or device)."""
@@ -171,6 +419,18 @@ class Tuner:
         self._shipped: dict[str, dict] | None = None
         self._file = None
 
+    def make_key(self, values) -> tuple:
+        """`values` as this tuner's key: a `key_type` (checked for its number of fields), or a tuple."""
+        if self.key_type is None:
+            return tuple(values)
+        if isinstance(values, self.key_type):
+            return values
+        values = tuple(values)
+        fields = getattr(self.key_type, "_fields", None)
+        if fields is not None and len(values) != len(fields):
+            raise ValueError(f"autotune: a {self.name} key has {len(fields)} fields {fields}, got {values!r}")
+        return self.key_type(*values)
+
     def select(self, key: tuple) -> Config:
         """The config for `key`; after the first call for a key, one dict lookup."""
         try:
@@ -179,7 +439,7 @@ class Tuner:
             return self._select_slow(key)
 
     def _select_slow(self, key: tuple) -> Config:
-        key = tuple(key)
+        key = self.make_key(key)
         enc = encode_key(key)
         mode = self.mode or default_mode()
         config, source = None, "default"
@@ -211,7 +471,7 @@ class Tuner:
 
     def adopt(self, key: tuple, entry: dict, store: bool = True) -> Config:
         """Use `entry` (tuned elsewhere: another rank, another process) for `key`."""
-        key = tuple(key)
+        key = self.make_key(key)
         if store:
             self._user = self.kernel_file().update({encode_key(key): entry})
             self._user_mtime = self.kernel_file().mtime()
@@ -226,7 +486,7 @@ class Tuner:
         return _device.device_fingerprint()
 
     def kernel_file(self):
-        cache = CacheDir(self.cache_dir)  # resolved each time: $TRITONOPS_CACHE_DIR may change
+        cache = CacheDir(self.cache_dir)  # resolved each time: $AUTOTUNE_CACHE_DIR may change
         if self._file is None or self._file.path.parent.parent != cache.root:
             self._file = cache.kernel_file(self.fingerprint(), self.name, self.identity)
             self._user = None
@@ -287,7 +547,7 @@ class Tuner:
         """Search the space for `key`, store and return the entry (None if nothing ran)."""
         if self.runner is None:
             raise RuntimeError(f"autotune: kernel {self.name!r} has no runner, so it cannot be tuned")
-        key = tuple(key)
+        key = self.make_key(key)
         timer = self._timer()
         launch = self.runner(key)
         default = self.default(key)

@@ -1,16 +1,18 @@
-#!/usr/bin/env python3
 """Benchmark tritonops against torch, torch.compile and the SDPA backends. Measures only;
-perf/report.py draws the plots.
+perf.report draws the plots.
 
-    python3 perf/bench.py                                # GPU: --preset quick; no GPU: --preset smoke
-    python3 perf/bench.py --preset full --out perf/results/h100/results.json
-    python3 perf/bench.py --ops matmul,attention --modes fwd --dtypes bfloat16 --tune-budget 20
-    python3 perf/bench.py --preset quick --time-budget 200 --replay 16 --out /tmp/r.json
+From the checkout root:
+
+    python3 -m perf.bench                                # GPU: --preset quick; no GPU: --preset smoke
+    python3 -m perf.bench --preset full --out perf/results/h100/results.json
+    python3 -m perf.bench --ops matmul,attention --modes fwd --dtypes bfloat16 --tune-budget 20
+    python3 -m perf.bench --preset quick --time-budget 200 --replay 16 --out /tmp/r.json
 
 Providers: tritonops (tuned: every autotune.Tuner in mode "on", capped by --tune-budget
 evaluations per key, tuning done by an untimed first call), tritonops-default (every Tuner
-in mode "off": the heuristic configs), torch (eager; cuBLAS for matmul), torch.compile
-(compiled once per case, outside timing) and, for attention, each SDPA backend.
+in mode "off": the heuristic configs; both set through autotune.override), torch (eager;
+cuBLAS for matmul), torch.compile (compiled once per case, outside timing) and, for
+attention, each SDPA backend.
 A provider that fails on a case is recorded with its error; the run goes on.
 
 Without a GPU the kernels run under Triton's CPU interpreter and the times are wall-clock
@@ -35,26 +37,13 @@ import time
 import warnings
 from pathlib import Path
 
+import torch  # does not import triton
+
+from . import cases, replay  # neither imports triton: prepare_backend() comes first
+from .backend import prepare_backend
+from .schema import NOT_PERF, PROVIDERS, SCHEMA, SCHEMA_VERSION, speedup_table
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _p in (str(ROOT), str(HERE)):  # the checkout's tritonops/autotune, and perf/cases.py
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-SCHEMA = "tritonops-bench"
-SCHEMA_VERSION = 1
-NOT_PERF = ("NO GPU: kernels ran under Triton's CPU interpreter and were timed with a wall clock on "
-            "tiny shapes. These are NOT performance numbers; they only show that the runner works.")
-
-
-def prepare_backend() -> bool:
-    """True with a usable GPU; otherwise sets TRITON_INTERPRET=1 (before triton is imported)."""
-    import torch
-
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return True
-    os.environ["TRITON_INTERPRET"] = "1"
-    return False
 
 
 # --------------------------------------------------------------------------- timing
@@ -82,8 +71,6 @@ class Timer:
 
 def sync(gpu: bool) -> None:
     if gpu:
-        import torch
-
         torch.cuda.synchronize()
 
 
@@ -91,7 +78,6 @@ def sync(gpu: bool) -> None:
 
 
 def device_info(gpu: bool) -> dict:
-    import torch
     import triton
 
     info = {
@@ -118,8 +104,6 @@ def measure_ceilings(gpu: bool, timer: Timer, preset: str) -> dict:
     """Copy bandwidth (bytes read + written) and dense fp16/bf16 torch.matmul TFLOP/s."""
     if not gpu:
         return {"copy_GBps": None, "matmul_tflops": {}, "note": "no GPU: no ceilings"}
-    import torch
-
     out: dict = {"copy_GBps": None, "matmul_tflops": {}, "details": {}}
     nbytes = (1 << 30) if preset == "full" else (512 << 20)
     try:
@@ -152,28 +136,18 @@ def measure_ceilings(gpu: bool, timer: Timer, preset: str) -> dict:
 # --------------------------------------------------------------------------- tuners
 
 
-@contextlib.contextmanager
-def tuner_state(mode: str | None = None, max_evals: int | None = None, max_seconds: float | None = None):
-    """Every registered autotune.Tuner in `mode` (None: unchanged), its memory forgotten on
-    entry and on exit, its mode and budgets restored on exit."""
-    from autotune.registry import TUNERS
-
-    tuners = list(TUNERS.values())
-    saved = [(t, t.mode, t.max_evals, t.max_seconds) for t in tuners]
-    try:
-        for t in tuners:
-            if mode is not None:
-                t.mode = mode
-            if max_evals is not None:
-                t.max_evals = max_evals
-            if max_seconds is not None:
-                t.max_seconds = max_seconds
-            t.reset()
-        yield
-    finally:
-        for t, m, e, s in saved:
-            t.mode, t.max_evals, t.max_seconds = m, e, s
-            t.reset()
+def provider_overrides(provider: str, gpu: bool, tune_budget: int | None = None,
+                       tune_seconds: float | None = None) -> dict | None:
+    """The autotune.override fields every registered Tuner runs a provider under; None for
+    a provider that runs no Tuner. A budget of None leaves the tuners' own."""
+    if provider == "tritonops-default":
+        return {"mode": "off"}
+    if provider != "tritonops":
+        return None
+    if not gpu:
+        return {}  # interpreter: tuners keep their mode (off); their memory is still forgotten
+    fields = {"mode": "on", "max_evals": tune_budget, "max_seconds": tune_seconds}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def tuner_selections(limit: int = 12) -> list[dict]:
@@ -207,8 +181,6 @@ def _err(e: BaseException) -> str:
 
 
 def rel_err(a, b) -> float:
-    import torch
-
     a, b = a.detach().float(), b.detach().float()
     den = torch.linalg.vector_norm(b).item()
     num = torch.linalg.vector_norm(a - b).item()
@@ -217,8 +189,6 @@ def rel_err(a, b) -> float:
 
 class Runner:
     def __init__(self, args, gpu: bool, timer: Timer, results: dict, out: Path | None):
-        import torch
-
         self.args, self.gpu, self.timer, self.results, self.out = args, gpu, timer, results, out
         self.device = torch.device("cuda" if gpu else "cpu")
 
@@ -233,13 +203,13 @@ class Runner:
 
     # ---------------------------------------------------------------- providers
     def provider_context(self, provider: str):
-        if provider == "tritonops-default":
-            return tuner_state(mode="off")
-        if provider == "tritonops":
-            if self.gpu:
-                return tuner_state(mode="on", max_evals=self.args.tune_budget, max_seconds=self.args.tune_seconds)
-            return tuner_state()  # interpreter: tuners keep their mode (off)
-        return contextlib.nullcontext()
+        """Every Tuner in the provider's mode and budgets, with a fresh memory, restored after."""
+        fields = provider_overrides(provider, self.gpu, self.args.tune_budget, self.args.tune_seconds)
+        if fields is None:
+            return contextlib.nullcontext()
+        import autotune
+
+        return autotune.override(**fields)
 
     def skip_reason(self, provider: str) -> str | None:
         if not self.gpu and provider == "tritonops-default" and not self.args.time_default_on_cpu:
@@ -252,10 +222,6 @@ class Runner:
     # ---------------------------------------------------------------- a case
     def measure(self, spec, ours, shape: dict, dtype: str, mode: str, provider: str, inputs, refs: dict) -> dict:
         """One row of results: p20/p50/p80 and the metric, or an error."""
-        import torch
-
-        import cases
-
         row = {"op": spec.name, "mode": mode, "dtype": dtype, "shape": dict(shape), "provider": provider}
         if spec.params:
             row["params"] = spec.params
@@ -318,10 +284,6 @@ class Runner:
 
     def reference(self, spec, shape, mode, inputs, refs: dict, dy=None):
         """torch eager's output (fwd) or gradients for `dy` (bwd) on the same inputs, once per case."""
-        import torch
-
-        import cases
-
         if mode not in refs:
             try:
                 fn = spec.torch_fn(shape)
@@ -338,8 +300,6 @@ class Runner:
         """After an error: is the CUDA context still usable? If not, nothing more can run."""
         if not self.gpu:
             return
-        import torch
-
         try:
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001
@@ -350,8 +310,6 @@ class Runner:
     # ---------------------------------------------------------------- an op
     def plan(self, name: str):
         """(spec, shapes, providers) of an op in this run."""
-        import cases
-
         spec = cases.OPS[name]
         shapes = spec.shapes.get(self.args.preset, [])
         if self.args.max_shapes:
@@ -360,8 +318,6 @@ class Runner:
         return spec, shapes, providers
 
     def cost(self, name: str) -> float:
-        import cases
-
         if name == "<replay>":
             return self.args.replay * 1.5
         spec, shapes, providers = self.plan(name)
@@ -369,10 +325,6 @@ class Runner:
                           [p for p in providers if self.skip_reason(p) is None]) * len(self.args.dtypes)
 
     def run_op(self, name: str, deadline: float | None) -> None:
-        import torch
-
-        import cases
-
         spec, shapes, providers = self.plan(name)
         info = {**cases.describe(spec), "status": "ok"}
         self.results["ops"][name] = info
@@ -452,8 +404,6 @@ class Runner:
             r["pct_of_ceiling"] = 100.0 * metric["value"] / ceiling if ceiling else None
 
     def print_row(self, r: dict) -> None:
-        import cases
-
         head = f"  {r['op']:<11} {r['mode']} {r['dtype']:<8} {cases.shape_label(r['shape']):<28} {r['provider']:<16}"
         if "error" in r:
             print(f"{head} ERROR {r['error']}", flush=True)
@@ -471,23 +421,13 @@ class Runner:
 
 
 def measure_replay(runner: Runner, n_configs: int, shape: dict, dtype: str, deadline: float | None) -> None:
-    """Time up to `n_configs` matmul configs around the default of one key (a table), then
-    replay each search strategy over that table: best-so-far ms after each evaluation."""
-    import torch
+    """Time up to `n_configs` matmul configs around the default of the forward key of
+    torch.matmul on `shape` (a table), then replay each search strategy over that table
+    with perf.replay.replay_timings: best-so-far ms after each evaluation."""
+    from tritonops.tuning.matmul import MATMUL_TUNER, matmul_call_keys
 
-    from autotune.search import STRATEGIES, make_strategy
-    from tritonops.ops import matmul as mm
-
-    tuner = mm.MATMUL_TUNER
-    dt = getattr(torch, dtype)
-    a = torch.randn(shape["M"], shape["K"], device=runner.device, dtype=dt)
-    b = torch.randn(shape["K"], shape["N"], device=runner.device, dtype=dt)
-    with tuner_state(mode="off"):
-        mm.matmul(a, b)
-        keys = list(tuner.sources)
-    if not keys:
-        raise RuntimeError("matmul selected no config through MATMUL_TUNER")
-    key = keys[0]
+    tuner = MATMUL_TUNER
+    key = matmul_call_keys(shape["M"], shape["N"], shape["K"], dtype)[0]
     default = tuner.default(key)
     allowed = set(tuner.candidates(key))
     table, frontier = [default], [default]
@@ -514,34 +454,24 @@ def measure_replay(runner: Runner, n_configs: int, shape: dict, dtype: str, dead
             times[c] = runner.timer(lambda c=c: launch(c))[1]
         except Exception as e:  # noqa: BLE001 - out of resources, compile errors
             times[c], errors[str(c)] = None, _err(e)
-    measured = list(times)
-    name = f"matmul {dtype} M{shape['M']} N{shape['N']} K{shape['K']} ({len(measured)} configs near the default)"
-    curves = {}
-    for sname in STRATEGIES:
-        strat = make_strategy(sname, measured, start=default, neighbours=tuner.space.neighbours, seed=0)
-        best, curve = None, []
-        while (c := strat.ask()) is not None:
-            ms = times.get(c)
-            strat.tell(c, ms)
-            if ms is not None:
-                best = ms if best is None else min(best, ms)
-            curve.append(best)
-        curves[sname] = curve
-    runner.results.setdefault("replay", {})[name] = curves
+    name = f"matmul {dtype} M{shape['M']} N{shape['N']} K{shape['K']} ({len(times)} configs near the default)"
+    result = replay.replay_timings(times, default, tuner.space)
+    runner.results.setdefault("replay", {})[name] = result["curves"]
     runner.results.setdefault("replay_meta", {})[name] = {
         "tuner": tuner.name, "key": list(key), "timer": runner.timer.describe(), "default": default.to_dict(),
         "table": [{"config": c.to_dict(), "ms": ms} for c, ms in times.items()], "errors": errors,
-        "note": "best-so-far ms after each evaluation, each strategy replayed over the measured table"}
-    print(f"== replay: {name}: " + ", ".join(f"{s} {len(v)} evals" for s, v in curves.items()), flush=True)
+        "strategies": result["strategies"],
+        "note": "best-so-far ms after each evaluation (random: the mean over seeds), each strategy replayed "
+                "over the measured table"}
+    print(f"== replay: {name}: " + ", ".join(f"{s} {len(v)} evals" for s, v in result["curves"].items()),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None):
-    import cases
-
-    p = argparse.ArgumentParser(prog="perf/bench.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python3 -m perf.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=cases.PRESETS, default=None,
                    help="smoke (tiny, interpreter), quick (GPU, ~3 min), full (GPU, LLM shapes); "
@@ -550,7 +480,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="fwd,bwd", help="comma-separated: fwd, bwd (the backward pass alone), fwd_bwd (both in one timed call)")
     p.add_argument("--dtypes", default=None, help="default: the preset's (quick: bfloat16; full: float16,bfloat16)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated subset of: " + ",".join(cases.BASE_PROVIDERS + tuple(cases.SDPA_BACKENDS)))
+                   help="comma-separated subset of: " + ",".join(PROVIDERS))
     p.add_argument("--max-shapes", type=int, default=0, help="only the first N shapes of each op (0: all)")
     p.add_argument("--tune-budget", type=int, default=None,
                    help="max evaluations per key when tuning (tuner.max_evals); default 8 for quick, "
@@ -566,7 +496,9 @@ def parse_args(argv=None):
                    help="time N matmul configs around the default of one key and replay the search "
                         "strategies over them (the report's replay plot); 0: off")
     p.add_argument("--replay-shape", default=None, help="MxNxK for --replay (GPU 4096x4096x4096, smoke 64x64x64)")
-    p.add_argument("--cache-dir", default=None, help="the tuning cache (sets TRITONOPS_CACHE_DIR)")
+    p.add_argument("--cache-dir", default=None,
+                   help="the tuning cache every tuner reads and writes in this run (autotune.override "
+                        "cache_dir); default: $AUTOTUNE_CACHE_DIR (or its alias $TRITONOPS_CACHE_DIR)")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy and matmul ceilings")
     p.add_argument("--time-default-on-cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--torch-only-when-missing", action="store_true",
@@ -591,13 +523,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     gpu = prepare_backend()
     args = parse_args(argv)
-    import torch
-
-    import cases
 
     warnings.filterwarnings("once")
-    if args.cache_dir:
-        os.environ["TRITONOPS_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     if args.preset is None:
         args.preset = "quick" if gpu else "smoke"
     quick = args.preset in ("quick", "smoke")
@@ -618,6 +545,26 @@ def main(argv=None) -> int:
 
     if args.dry_run:
         return dry_run(args, gpu)
+    with tuning_cache(args.cache_dir) as cache_dir:
+        return run(args, gpu, timer, cache_dir, sys.argv[1:] if argv is None else list(argv))
+
+
+@contextlib.contextmanager
+def tuning_cache(path: str | None):
+    """Every registered Tuner reads and writes its tuned configs under `path` (None: where
+    autotune's settings say); yields that directory, for the results."""
+    from autotune import CacheDir, override
+
+    if path is None:
+        yield str(CacheDir().root)
+        return
+    root = Path(path).resolve()
+    with override(cache_dir=root):
+        yield str(root)
+
+
+def run(args, gpu: bool, timer: Timer, cache_dir: str, argv: list) -> int:
+    """Measure what `args` asks for into the results file; the rest of main."""
     info = device_info(gpu)
     if args.out:
         out = Path(args.out)
@@ -632,8 +579,7 @@ def main(argv=None) -> int:
         "run": {"preset": args.preset, "ops": args.ops, "modes": args.modes, "dtypes": args.dtypes,
                 "providers": args.providers or "per op", "tune_budget": args.tune_budget,
                 "tune_seconds": args.tune_seconds, "time_budget_s": args.time_budget, "timer": timer.describe(),
-                "argv": sys.argv[1:] if argv is None else list(argv), "complete": False,
-                "started": info["date"], "cache_dir": os.environ.get("TRITONOPS_CACHE_DIR")},
+                "argv": argv, "complete": False, "started": info["date"], "cache_dir": cache_dir},
         "ceilings": {}, "ops": {}, "cases": [],
     }
     runner = Runner(args, gpu, timer, results, out)
@@ -705,21 +651,18 @@ def dry_run(args, gpu: bool) -> int:
 
 def summary(results: dict) -> None:
     """Geometric-mean speed-up over torch per (op, mode, dtype) and provider; errors counted."""
-    import cases
-
-    groups: dict = {}
+    speed = speedup_table((r["provider"], r) for r in results["cases"])
+    errors: dict = {}
+    skipped: dict = {}
     for r in results["cases"]:
-        g = groups.setdefault((r["op"], r["mode"], r["dtype"]), {})
-        g.setdefault(r["provider"], []).append(r)
+        case = (r["op"], r["mode"], r["dtype"], r["provider"])
+        errors[case] = errors.get(case, 0) + ("error" in r)
+        skipped[case] = skipped.get(case, 0) + ("skipped" in r)
     print("\nspeed-up vs torch (geometric mean over shapes; e = errors, s = skipped)")
-    for (op, mode, dtype), provs in groups.items():
+    for (op, mode, dtype), provs in speed.items():
         cells = []
-        for p, rows in provs.items():
-            if p == "torch":
-                continue
-            gm = cases.geomean(r.get("speedup_vs_torch") for r in rows)
-            ne = sum("error" in r for r in rows)
-            ns = sum("skipped" in r for r in rows)
+        for p, gm in provs.items():
+            ne, ns = errors[(op, mode, dtype, p)], skipped[(op, mode, dtype, p)]
             cell = f"{p} {gm:.2f}x" if gm else f"{p} -"
             cells.append(cell + (f" {ne}e" if ne else "") + (f" {ns}s" if ns else ""))
         print(f"  {op:<11} {mode} {dtype:<8} " + " | ".join(cells))

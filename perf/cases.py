@@ -1,7 +1,7 @@
-"""What perf/bench.py measures: per op, the shapes of each preset, the inputs, the
+"""What perf.bench measures: per op, the shapes of each preset, the inputs, the
 providers (tritonops and its torch twins) and the work (FLOPs or bytes) of one call.
 
-Nothing here imports tritonops or triton at import time: bench.py chooses the
+Nothing here imports tritonops or triton at import time: perf.bench chooses the
 interpreter (TRITON_INTERPRET=1) first, then `OpSpec.load()` imports an op's module.
 
 Metrics
@@ -16,21 +16,17 @@ Metrics
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from .schema import BASE_PROVIDERS, SDPA_BACKENDS
+
 MODES = ("fwd", "bwd", "fwd_bwd")
 PRESETS = ("smoke", "quick", "full")
 PRESET_DTYPES = {"smoke": ("bfloat16",), "quick": ("bfloat16",), "full": ("float16", "bfloat16")}
-
-# tritonops = tuned (each Tuner in mode "on" on a GPU); tritonops-default = every Tuner in mode "off"
-BASE_PROVIDERS = ("tritonops", "tritonops-default", "torch", "torch.compile")
-SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
-                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 
 LLM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
 LLM_M = (1, 16, 128, 1024, 4096, 8192)
@@ -89,7 +85,7 @@ class OpSpec:
 
     def provider_fn(self, provider: str, shape: dict, ours: Callable | None) -> Callable:
         """The callable(*inputs) a provider runs. tritonops-default differs from tritonops only
-        by the tuners' mode, which bench.py sets around the case."""
+        by the tuners' mode, which perf.bench sets around the case."""
         if provider in ("tritonops", "tritonops-default"):
             if ours is None:
                 raise RuntimeError(f"tritonops.{self.name} did not import")
@@ -315,15 +311,10 @@ def grad_inputs(spec: OpSpec, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def describe(spec: OpSpec) -> dict[str, Any]:
-    """What report.py needs to know of an op, stored in the results."""
+    """What perf.report needs to know of an op, stored in the results."""
     return {"metric": spec.metric, "x": spec.x, "group": list(spec.group), "params": spec.params,
             "providers": list(spec.providers())}
 
 
 def shape_label(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
-
-
-def geomean(values) -> float | None:
-    vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None

@@ -12,7 +12,7 @@
 # OUTDIR stays flat and holds at most 8 files (what the device tool brings back):
 #   env.txt        date, git commit, nvidia-smi, python/torch/cuda/cudnn/triton versions
 #   tests.log      step 1: python -m pytest -q tests -x --timeout 120          (cap 165 s)
-#   bench.log      step 2: perf/bench.py --preset quick (+ replay), step 3's output too (cap 230 s)
+#   bench.log      step 2: python -m perf.bench --preset quick (+ replay), step 3's output too (cap 230 s)
 #   results.json   step 2's results, rewritten after every op: a kill keeps the ops done
 #   report.md      step 3: the report's text                                     (cap 40 s)
 #   report.tar.gz  step 3: report.md and all PNGs (one per op/mode/dtype, speedup.png, replay.png)
@@ -24,12 +24,13 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 
+# the checkout's tritonops and autotune, and the perf package, whether or not they are installed
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 WORK=$(mktemp -d)
-# the quick preset's capped tuning goes to a scratch cache, never to a real one
-export TRITONOPS_CACHE_DIR=$WORK/tune-cache
+# the tests' and the quick preset's capped tuning go to a scratch cache, never to a real one
+export AUTOTUNE_CACHE_DIR=$WORK/tune-cache
 PY=${PYTHON:-python3}
 # overridable for a dry run without a GPU: GPU_CHECK_TESTS=tests/test_perf.py GPU_CHECK_PRESET=smoke
 TESTS=${GPU_CHECK_TESTS:-tests}
@@ -86,11 +87,11 @@ budget=$(($(left) - 75))
 ((budget > 200)) && budget=200
 ((budget < 10)) && budget=10
 step bench 230 "$OUTDIR/bench.log" \
-  "$PY" perf/bench.py --preset "$PRESET" --time-budget "$budget" --replay 16 --out "$OUTDIR/results.json"
+  "$PY" -m perf.bench --preset "$PRESET" --time-budget "$budget" --replay 16 --out "$OUTDIR/results.json"
 
 # 3. the report: plots packed into one archive, report.md beside it
 if [ -s "$OUTDIR/results.json" ]; then
-  step report 40 "$OUTDIR/bench.log" "$PY" perf/report.py "$OUTDIR/results.json" -o "$WORK/report"
+  step report 40 "$OUTDIR/bench.log" "$PY" -m perf.report "$OUTDIR/results.json" -o "$WORK/report"
   if [ -d "$WORK/report" ]; then
     cp "$WORK/report/report.md" "$OUTDIR/" 2>/dev/null
     tar czf "$OUTDIR/report.tar.gz" -C "$WORK" report

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
-"""Plots and a markdown report from perf/bench.py results. Never measures.
+"""Plots and a markdown report from perf.bench results. Never measures, never imports torch.
 
-    python3 perf/report.py results.json [more.json ...] -o DIR
+    python3 -m perf.report results.json [more.json ...] -o DIR
 
 Writes into DIR:
     <op>_<mode>_<dtype>.png   metric (TFLOP/s or GB/s) against size, log x, one line per
@@ -27,8 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SCHEMA = "tritonops-bench"
-SCHEMA_VERSION = 1
+from .schema import BASE_PROVIDERS, PROVIDERS, SCHEMA, SCHEMA_VERSION, speedup_table  # noqa: E402
+
 UNITS = {"M": "M (rows of A)", "cols": "columns (elements per row)", "L": "sequence length L = S"}
 
 
@@ -43,7 +42,7 @@ def load(paths) -> list[dict]:
             if "replay" not in data:
                 raise SystemExit(f"{p}: neither a {SCHEMA} results file (schema={data.get('schema')!r}) "
                                  "nor a replay file")
-            # a replay-only file (perf/replay.py --out): its curves, nothing else
+            # a replay-only file (perf.replay --out): its curves, nothing else
             summary = data.get("replay_summary") or {}
             device = summary.get("device") or "unknown device"
             data = {"replay": data["replay"], "cases": [], "ops": {}, "ceilings": {}, "_replay_only": True,
@@ -70,11 +69,6 @@ def device_label(run: dict) -> str:
     if run.get("_replay_only"):
         return str(d.get("name"))
     return d.get("name", "?") if d.get("gpu") else "interpreter (not perf)"
-
-
-def geomean(values):
-    vals = [v for v in values if isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
 
 
 def slug(text: str) -> str:
@@ -122,7 +116,7 @@ def group_key(shape: dict, group: list) -> tuple:
 def x_dim(meta: dict, rows) -> str:
     if meta.get("x"):
         return meta["x"]
-    return next(iter(rows[0]["shape"]))  # an op report.py does not know: its first dim
+    return next(iter(rows[0]["shape"]))  # an op the report does not know: its first dim
 
 
 def has_gpu_run(runs) -> bool:
@@ -141,10 +135,7 @@ def plot_op(runs, op, mode, dtype, rows, out: Path) -> Path:
     x = x_dim(meta, [r for _, r in rows])
     group = meta.get("group") or []
     groups = sorted({group_key(r["shape"], group) for _, r in rows}, key=lambda g: tuple(str(v) for _, v in g))
-    n = max(1, len(groups))
-    ncols = min(n, 2)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
+    fig, axes = _panels(len(groups))
     series_names = sorted({(run["_label"], r["provider"]) for run, r in rows},
                           key=lambda t: (t[0], _provider_order(t[1])))
     multi = len({lab for lab, _ in series_names}) > 1
@@ -154,7 +145,7 @@ def plot_op(runs, op, mode, dtype, rows, out: Path) -> Path:
     colour = {p: provider_colour(p) for p in providers}
     marker = {lab: "os^Dv"[i % 5] for i, lab in enumerate(labels)}
     line = {lab: ["-", "-.", ":"][i % 3] for i, lab in enumerate(labels)}
-    for ax, g in zip(axes.flat, groups):
+    for ax, g in zip(axes, groups):
         xs_all = set()
         for lab, prov in series_names:
             pts = sorted((r["shape"][x], r["metric"]["value"]) for run, r in rows
@@ -183,51 +174,51 @@ def plot_op(runs, op, mode, dtype, rows, out: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
     devices = ", ".join(dict.fromkeys(run["_label"] for run in runs if any(rr is run for rr, _ in rows)))
     fig.suptitle(f"{op} {mode}, {dtype} on {devices}", fontsize=12)
-    _not_perf_stamp(fig, runs)
+    return _save(fig, runs, out / f"{slug(op)}_{mode}_{dtype}.png")
+
+
+def provider_colour(p: str) -> str:
+    """The same colour for a provider in every plot."""
+    if p in PROVIDERS:
+        return f"C{PROVIDERS.index(p)}"
+    return f"C{8 + sum(map(ord, p)) % 2}"
+
+
+def _provider_order(p: str) -> tuple:
+    return (BASE_PROVIDERS.index(p) if p in BASE_PROVIDERS else len(BASE_PROVIDERS), p)
+
+
+def _panels(n: int):
+    """A figure of `n` panels, two a row, and those panels (the grid's spare cells blank)."""
+    n = max(1, n)
+    ncols = min(n, 2)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+def _save(fig, runs, path: Path) -> Path:
+    """The figure as a PNG, stamped as no performance numbers when no run had a GPU."""
+    if not has_gpu_run(runs):
+        fig.text(0.5, 0.5, "NO GPU: interpreter wall-clock times\nNOT performance numbers", ha="center",
+                 va="center", fontsize=20, color="red", alpha=0.25, rotation=20)
     fig.tight_layout()
-    path = out / f"{slug(op)}_{mode}_{dtype}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-KNOWN_PROVIDERS = ["tritonops", "tritonops-default", "torch", "torch.compile",
-                   "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
-
-
-def provider_colour(p: str) -> str:
-    """The same colour for a provider in every plot."""
-    if p in KNOWN_PROVIDERS:
-        return f"C{KNOWN_PROVIDERS.index(p)}"
-    return f"C{8 + sum(map(ord, p)) % 2}"
-
-
-def _provider_order(p: str) -> tuple:
-    order = ["tritonops", "tritonops-default", "torch", "torch.compile"]
-    return (order.index(p) if p in order else len(order), p)
-
-
-def _not_perf_stamp(fig, runs) -> None:
-    if not has_gpu_run(runs):
-        fig.text(0.5, 0.5, "NO GPU: interpreter wall-clock times\nNOT performance numbers", ha="center",
-                 va="center", fontsize=20, color="red", alpha=0.25, rotation=20)
-
-
-def speedup_table(runs) -> dict:
-    """(op, mode, dtype) -> {series: geomean speed-up over torch}."""
-    table: dict = {}
+def speedups(runs) -> dict:
+    """(op, mode, dtype) -> {series: geomean speed-up over torch}, only the series that have one."""
     multi = len({run["_label"] for run in runs}) > 1
-    for run, r in all_rows(runs):
-        if r.get("provider") == "torch" or r.get("speedup_vs_torch") is None:
-            continue
-        key = (r["op"], r["mode"], r["dtype"])
-        series = f"{r['provider']} @ {run['_label']}" if multi else r["provider"]
-        table.setdefault(key, {}).setdefault(series, []).append(r["speedup_vs_torch"])
-    return {k: {s: geomean(v) for s, v in d.items()} for k, d in table.items()}
+    table = speedup_table((f"{r['provider']} @ {run['_label']}" if multi else r["provider"], r)
+                          for run, r in all_rows(runs))
+    table = {k: {s: v for s, v in d.items() if v is not None} for k, d in table.items()}
+    return {k: d for k, d in table.items() if d}
 
 
 def plot_speedup(runs, table: dict, out: Path) -> Path | None:
@@ -262,23 +253,15 @@ def plot_speedup(runs, table: dict, out: Path) -> Path | None:
     ax.set_title("speed-up over torch on " + ", ".join(dict.fromkeys(r["_label"] for r in runs)), fontsize=11)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _not_perf_stamp(fig, runs)
-    fig.tight_layout()
-    path = out / "speedup.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, runs, out / "speedup.png")
 
 
 def plot_replay(runs, out: Path) -> Path | None:
     tables = [(run, name, curves) for run in runs for name, curves in (run.get("replay") or {}).items()]
     if not tables:
         return None
-    n = len(tables)
-    ncols = min(n, 2)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
-    for ax, (run, name, curves) in zip(axes.flat, tables):
+    fig, axes = _panels(len(tables))
+    for ax, (run, name, curves) in zip(axes, tables):
         best_all, longest = None, 0
         for i, (strategy, curve) in enumerate(curves.items()):
             pts = [(k + 1, v) for k, v in enumerate(curve) if isinstance(v, (int, float))]
@@ -299,15 +282,8 @@ def plot_replay(runs, out: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     fig.suptitle("autotuner replay: search strategies over a measured table", fontsize=12)
-    _not_perf_stamp(fig, runs)
-    fig.tight_layout()
-    path = out / "replay.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, runs, out / "replay.png")
 
 
 # --------------------------------------------------------------------------- markdown
@@ -408,8 +384,8 @@ def write_markdown(runs, figures: dict, speed: dict, speed_png, replay_png, out:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="perf/report.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="results JSON files from perf/bench.py")
+    p = argparse.ArgumentParser(prog="python3 -m perf.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="results JSON files from perf.bench (or perf.replay --out)")
     p.add_argument("-o", "--out", required=True, help="output directory")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -422,7 +398,7 @@ def main(argv=None) -> int:
     for (op, mode, dtype), rows in combos.items():
         if any("metric" in r for _, r in rows):
             figures[(op, mode, dtype)] = plot_op(runs, op, mode, dtype, rows, out)
-    speed = speedup_table(runs)
+    speed = speedups(runs)
     speed_png = plot_speedup(runs, speed, out)
     replay_png = plot_replay(runs, out)
     md = write_markdown(runs, figures, speed, speed_png, replay_png, out)

@@ -195,12 +195,14 @@ def test_cached_mode_never_times_and_uses_the_nearest_key(tmp_path):
 
 
 def test_mode_comes_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITONOPS_AUTOTUNE", "cached")
+    for name in autotune.settings.variables("mode"):  # aliases a package registered, too
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AUTOTUNE_MODE", "cached")
     assert autotune.default_mode() == "cached"
-    monkeypatch.setenv("TRITONOPS_AUTOTUNE", "sometimes")
-    with pytest.raises(ValueError, match="TRITONOPS_AUTOTUNE"):
+    monkeypatch.setenv("AUTOTUNE_MODE", "sometimes")
+    with pytest.raises(ValueError, match="AUTOTUNE_MODE"):
         autotune.default_mode()
-    monkeypatch.delenv("TRITONOPS_AUTOTUNE")
+    monkeypatch.delenv("AUTOTUNE_MODE")
     assert autotune.default_mode() == "off"  # under the interpreter there is no meaningful timing
 
 
@@ -332,7 +334,7 @@ def test_decorator_rejects_unknown_key_names():
 
 
 def run_cli(*args, cache):
-    env = {**os.environ, "TRITONOPS_CACHE_DIR": str(cache)}
+    env = {**os.environ, "AUTOTUNE_CACHE_DIR": str(cache)}
     env.pop("TRITON_INTERPRET", None)  # the command chooses the interpreter itself without a GPU
     return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True, text=True, env=env,
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
@@ -348,14 +350,17 @@ def test_cli_end_to_end(tmp_path):
     assert "not GPU timings" in r.stdout and "matmul" in r.stdout.splitlines()[-1]
     r = run_cli("show", "--json", cache=cache)
     files = json.loads(r.stdout)
-    assert len(files) == 1 and list(files[0]["entries"]) == ['[32, 24, 40, "float16", true, false, false]']
+    from tritonops.tuning.matmul import matmul_call_keys  # torch.matmul's forward, dA and dB keys
+
+    want = sorted(json.dumps(list(k)) for k in matmul_call_keys(20, 24, 40, "float16"))
+    assert len(files) == 1 and sorted(files[0]["entries"]) == want and len(want) == 3
     bundle = tmp_path / "bundle.json"
     assert run_cli("export", str(bundle), cache=cache).returncode == 0
     r = run_cli("clear", cache=cache)
     assert r.returncode == 0 and "removed 1" in r.stdout
     assert "no tuned configs" in run_cli("show", cache=cache).stdout
     r = run_cli("import", str(bundle), cache=cache)
-    assert r.returncode == 0 and "imported 1 entry" in r.stdout
+    assert r.returncode == 0 and "imported 3 entries" in r.stdout
     assert json.loads(run_cli("show", "--json", cache=cache).stdout) == files
 
 
@@ -371,7 +376,7 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_bad_arguments(tmp_path, monkeypatch, capsys, args, message):
     from autotune import cli
 
-    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
     try:
         code = cli.main(list(args))
     except SystemExit as e:
@@ -392,17 +397,6 @@ def test_import_keeps_the_faster_entry(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_tuner(tmp_path / "b", mode="cached").select((5,)) == BEST
-
-
-def test_replay_benchmark_on_the_synthetic_table():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
-    import replay
-
-    table = replay.synthetic_table()
-    key = next(iter(table["keys"]))
-    result = replay.replay({**table, "keys": {key: table["keys"][key]}})["keys"][key]["strategies"]
-    assert result["local"]["reached"] == 1.0 and result["exhaustive"]["reached"] == 1.0
-    assert result["local"]["evaluations_to_within"] < result["exhaustive"]["evaluations_to_within"]
 
 
 # --------------------------------------------------------------------------- ranks, traces
@@ -450,7 +444,7 @@ def test_ranks_share_tuning_and_agree(tmp_path):
 
 def test_trace_records_each_new_key_once(tmp_path, monkeypatch):
     trace = tmp_path / "trace.jsonl"
-    monkeypatch.setenv("TRITONOPS_RECORD", str(trace))
+    monkeypatch.setenv("AUTOTUNE_RECORD", str(trace))
     tuner = make_tuner(tmp_path, mode="off")
     for k in [(1,), (2,), (1,)]:
         tuner.select(k)
@@ -464,15 +458,15 @@ def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys):
     from tritonops.ops.matmul import MATMUL_TUNER
 
     trace = tmp_path / "trace.jsonl"
-    monkeypatch.setenv("TRITONOPS_RECORD", str(trace))
-    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTUNE_RECORD", str(trace))
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
     MATMUL_TUNER.reset()
     try:
         tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))
         tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))  # the same key: recorded once
     finally:
         MATMUL_TUNER.reset()
-    monkeypatch.delenv("TRITONOPS_RECORD")
+    monkeypatch.delenv("AUTOTUNE_RECORD")
     recorded = [json.loads(line) for line in trace.read_text().splitlines()]
     assert recorded == [{"kernel": "matmul", "key": [16, 6, 20, "float32", True, False, False]}]
     assert cli.main(["tune", "--from-trace", str(trace), "--budget", "2", "--quiet", "--devices", "all"]) == 0
@@ -481,3 +475,362 @@ def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys):
     files = json.loads(capsys.readouterr().out)
     assert [list(f["entries"]) for f in files] == [['[16, 6, 20, "float32", true, false, false]']]
     MATMUL_TUNER.reset()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.fixture
+def own_settings(monkeypatch):
+    """Aliases and defaults registered in a test are gone after it; the test starts from autotune's
+    own defaults (a package imported here, tritonops, sets its own at import)."""
+    from autotune import settings
+
+    monkeypatch.setattr(settings, "_aliases", {k: list(v) for k, v in settings._aliases.items()})
+    monkeypatch.setattr(settings, "_defaults", dict(settings._BUILTIN_DEFAULTS))
+    for name in settings.VARIABLES:
+        for variable in settings.variables(name):
+            monkeypatch.delenv(variable, raising=False)
+    return settings
+
+
+def test_settings_alias_is_read_after_the_autotune_variable(own_settings, monkeypatch, tmp_path):
+    settings = own_settings
+    settings.alias("cache_dir", "MYPKG_CACHE_DIR")
+    settings.alias("cache_dir", "MYPKG_CACHE_DIR")  # a second import registers nothing new
+    assert settings.variables("cache_dir")[0] == "AUTOTUNE_CACHE_DIR"
+    assert settings.variables("cache_dir").count("MYPKG_CACHE_DIR") == 1
+    assert settings.describe("cache_dir").startswith("AUTOTUNE_CACHE_DIR (or ")
+    assert settings.describe("cache_dir").endswith("MYPKG_CACHE_DIR)")
+    # read at each lookup: set after import, after registering
+    monkeypatch.setenv("MYPKG_CACHE_DIR", str(tmp_path / "alias"))
+    assert settings.lookup("cache_dir") == (str(tmp_path / "alias"), "MYPKG_CACHE_DIR")
+    assert autotune.cache.default_cache_dir() == tmp_path / "alias"
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "own"))
+    assert settings.get("cache_dir") == str(tmp_path / "own")  # the AUTOTUNE_ variable wins
+    assert CacheDir().root == tmp_path / "own"
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", " ")  # blank counts as unset
+    assert settings.get("cache_dir") == str(tmp_path / "alias")
+    with pytest.raises(KeyError, match="no setting"):
+        settings.get("cache")
+
+
+def test_settings_default_of_a_package(own_settings, monkeypatch, tmp_path):
+    settings = own_settings
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache.default_cache_dir() == tmp_path / "home" / ".cache" / "autotune"
+    settings.set_default("cache_dir", tmp_path / "pkg")
+    assert settings.get("cache_dir") == str(tmp_path / "pkg") and settings.lookup("cache_dir")[1] is None
+    assert CacheDir().root == tmp_path / "pkg"
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "env"))
+    assert CacheDir().root == tmp_path / "env"  # a variable beats any default
+    monkeypatch.delenv("AUTOTUNE_CACHE_DIR")
+    settings.set_default("cache_dir", None)  # back to autotune's own
+    assert autotune.cache.default_cache_dir() == tmp_path / "home" / ".cache" / "autotune"
+    assert settings.get("record") is None and settings.get("plugins") is None
+
+
+def test_bad_mode_names_the_variable_that_is_set(own_settings, monkeypatch):
+    settings = own_settings
+    settings.alias("mode", "MYPKG_AUTOTUNE")
+    monkeypatch.setenv("MYPKG_AUTOTUNE", "Cached")
+    assert autotune.default_mode() == "cached"
+    monkeypatch.setenv("MYPKG_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="MYPKG_AUTOTUNE='sometimes'"):
+        autotune.default_mode()
+    monkeypatch.setenv("AUTOTUNE_MODE", "never")
+    with pytest.raises(ValueError, match="AUTOTUNE_MODE='never'"):
+        autotune.default_mode()
+
+
+def test_record_and_plugins_take_aliases(own_settings, monkeypatch, tmp_path):
+    settings = own_settings
+    settings.alias("record", "MYPKG_RECORD")
+    monkeypatch.setenv("MYPKG_RECORD", str(tmp_path / "trace.jsonl"))
+    make_tuner(tmp_path, mode="off").select((3,))
+    assert json.loads((tmp_path / "trace.jsonl").read_text()) == {"kernel": "synthetic", "key": [3]}
+    monkeypatch.setenv("AUTOTUNE_PLUGINS", "json, no_such_module_here")
+    failed = autotune.registry.load_plugins()
+    assert len(failed) == 1 and failed[0].startswith("no_such_module_here")
+
+
+AUTOTUNE_ALONE = """
+import sys
+from pathlib import Path
+
+import torch
+
+import autotune
+from autotune import Config, Space, Timing, Tuner
+
+assert autotune.settings.describe("cache_dir") == "AUTOTUNE_CACHE_DIR", autotune.settings.describe("cache_dir")
+print(autotune.cache.default_cache_dir())
+tuner = Tuner("alone", Space({"BLOCK": [16, 32]}, num_warps=[4], num_stages=[1]), lambda key: Config({"BLOCK": 16}),
+              runner=lambda key: (lambda config: torch.ones(2)), sources=["alone"], mode="on",
+              timer=lambda run, config, key: Timing(1.0, config["BLOCK"] / 16, 3.0))
+tuner.select((1,))
+print(tuner.kernel_file().path)
+assert not [m for m in sys.modules if m.split(".")[0] == "tritonops"], "autotune imported tritonops"
+"""
+
+
+def test_autotune_alone_reads_its_own_cache_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOTUNE_", "TRITONOPS_"))}
+    env.update(AUTOTUNE_CACHE_DIR=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
+    root = Path(__file__).resolve().parents[1]  # tritonops is importable from here, but never imported
+    r = subprocess.run([sys.executable, "-c", AUTOTUNE_ALONE], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr
+    cache_root, written = r.stdout.split()
+    assert Path(cache_root) == tmp_path / "cache"
+    assert Path(written).is_file() and Path(written).is_relative_to(tmp_path / "cache")
+    del env["AUTOTUNE_CACHE_DIR"]
+    r = subprocess.run([sys.executable, "-c", AUTOTUNE_ALONE], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.split()[0]) == tmp_path / "home" / ".cache" / "autotune"
+
+
+# --------------------------------------------------------------------------- host parameters
+
+
+def test_config_host_parameters_are_a_group_of_their_own():
+    c = Config({"BLOCK": 64}, num_warps=8, num_stages=2, host={"PROGRAMS_PER_SM": 2})
+    assert c["PROGRAMS_PER_SM"] == 2 and c.get("PROGRAMS_PER_SM") == 2 and c.get("NOPE", 7) == 7
+    assert c.host == {"PROGRAMS_PER_SM": 2} and c.meta == {"BLOCK": 64}
+    c.host["PROGRAMS_PER_SM"] = 5  # a fresh dict: the config is unchanged
+    assert c["PROGRAMS_PER_SM"] == 2
+    assert c.launch_kwargs() == {"BLOCK": 64, "num_warps": 8, "num_stages": 2}  # never to the kernel
+    assert c.to_dict() == {"BLOCK": 64, "num_warps": 8, "num_stages": 2, "host": {"PROGRAMS_PER_SM": 2}}
+    assert Config({"BLOCK": 64}).to_dict() == {"BLOCK": 64, "num_warps": 4, "num_stages": 3}  # no empty "host"
+    assert Config.from_dict(c.to_dict()) == c and Config.from_json(c.to_json()) == c
+    assert hash(Config.from_json(c.to_json())) == hash(c)
+    # replace keeps each name in its group; a new name is a meta-parameter
+    r = c.replace(PROGRAMS_PER_SM=4, BLOCK=128, num_warps=4, EVEN=True)
+    assert r.host == {"PROGRAMS_PER_SM": 4} and r.meta == {"BLOCK": 128, "EVEN": True} and r.num_warps == 4
+    # the same value as a meta-parameter is another config
+    moved = Config({"BLOCK": 64, "PROGRAMS_PER_SM": 2}, num_warps=8, num_stages=2)
+    assert moved != c and moved.to_dict() != c.to_dict()
+    assert sorted([c, moved, Config({"BLOCK": 64}, num_warps=8, num_stages=2)])  # ordered despite the groups
+    assert repr(c) == "Config(BLOCK=64, num_warps=8, num_stages=2, host={'PROGRAMS_PER_SM': 2})"
+    assert repr(Config({"BLOCK": 64})) == "Config(BLOCK=64, num_warps=4, num_stages=3)"
+    for bad in ({"BLOCK": 64, "host": [1]}, {"host": {"P": [1, 2]}}, {"host": {"P": None}}):
+        with pytest.raises(ValueError):
+            Config.from_dict(bad)
+    with pytest.raises(ValueError, match="both"):
+        Config({"P": 1}, host={"P": 2})
+    with pytest.raises(ValueError, match="launch option"):
+        Config(host={"num_warps": 2})
+    with pytest.raises(ValueError, match="host"):
+        Config({"host": 1})
+
+
+def test_space_enumerates_orders_and_steps_host_parameters():
+    space = Space({"BLOCK": [32, 64]}, num_warps=[4, 8], num_stages=[2],
+                  host_params={"PROGRAMS_PER_SM": [1, 2, 4, 8]},
+                  constraints=[lambda c, p: c["PROGRAMS_PER_SM"] <= p.get("max_programs", 8)])
+    configs = space.configs()
+    assert len(configs) == 2 * 4 * 2
+    assert all(set(c.host) == {"PROGRAMS_PER_SM"} and set(c.meta) == {"BLOCK"} for c in configs)
+    assert configs[:3] == [Config({"BLOCK": 32}, num_warps=4, num_stages=2, host={"PROGRAMS_PER_SM": 1}),
+                           Config({"BLOCK": 32}, num_warps=8, num_stages=2, host={"PROGRAMS_PER_SM": 1}),
+                           Config({"BLOCK": 32}, num_warps=4, num_stages=2, host={"PROGRAMS_PER_SM": 2})]
+    c = Config({"BLOCK": 64}, num_warps=4, num_stages=2, host={"PROGRAMS_PER_SM": 2})
+    assert space.order(c) == (64, 2, 4, 2)  # meta, then host, then warps and stages
+    assert set(space.neighbours(c)) == {c.replace(BLOCK=32), c.replace(PROGRAMS_PER_SM=1),
+                                        c.replace(PROGRAMS_PER_SM=4), c.replace(num_warps=8)}
+    assert all(n.host for n in space.neighbours(c))  # a stepped host parameter stays one
+    assert {x["PROGRAMS_PER_SM"] for x in space.configs({"max_programs": 2})} == {1, 2}  # constraints see it
+    with pytest.raises(ValueError, match="both"):
+        Space({"P": [1]}, host_params={"P": [2]})
+
+
+def test_config_list_with_host_parameters():
+    configs = [Config({"BLOCK": 32}, host={"PROGRAMS_PER_SM": 1}), Config({"BLOCK": 32}, host={"PROGRAMS_PER_SM": 2}),
+               Config({"BLOCK": 64}, host={"PROGRAMS_PER_SM": 2})]
+    space = ConfigList(configs)
+    assert space.configs() == configs and space.host_params == {"PROGRAMS_PER_SM": [1, 2]}
+    assert space.neighbours(configs[1]) == [configs[0], configs[2]]
+    assert space.neighbours(configs[0]) == [configs[1]]
+    assert ConfigList([c.to_dict() for c in configs]).configs() == configs
+
+
+def test_tuner_tunes_and_stores_host_parameters(tmp_path):
+    space = Space({"BLOCK": [16, 32]}, num_warps=[4], num_stages=[1], host_params={"PROGRAMS_PER_SM": [1, 2, 4]})
+    timer = CountingTimer(lambda c: abs(c["PROGRAMS_PER_SM"] - 2) + (c["BLOCK"] == 16))
+    launched = []
+
+    def runner(key):
+        def launch(config):
+            launched.append(config.launch_kwargs())
+            return torch.ones(3)
+        return launch
+
+    def tuner():
+        return Tuner("hosted", space, lambda key: Config({"BLOCK": 16}, num_stages=1, host={"PROGRAMS_PER_SM": 1}),
+                     runner=runner, sources=["hosted"], timer=timer, mode="on", cache_dir=tmp_path,
+                     strategy="local")
+
+    best = Config({"BLOCK": 32}, num_stages=1, host={"PROGRAMS_PER_SM": 2})
+    assert tuner().select((1,)) == best
+    assert all("PROGRAMS_PER_SM" not in kw for kw in launched)
+    again = tuner()
+    assert again.select((1,)) == best and again.sources[(1,)] == "user-cache"
+    assert again.user_entries()[encode_key((1,))]["winner"]["host"] == {"PROGRAMS_PER_SM": 2}
+
+
+class _RecordingKernel:
+    """A Triton kernel whose launches are recorded: what reaches the kernel, which grid."""
+
+    def __init__(self, kernel):
+        self.kernel, self.fn, self.arg_names = kernel, kernel.fn, kernel.arg_names
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](**kwargs)
+        return launch
+
+
+def test_decorator_passes_host_parameters_to_the_grid_only(tmp_path):
+    kernel = _RecordingKernel(_add_into_kernel)
+    space = Space({"BLOCK": [32]}, num_warps=[1], num_stages=[1], host_params={"SPARE_PROGRAMS": [0, 1, 2]})
+    timer = CountingTimer(lambda c: 1.0 + abs(c["SPARE_PROGRAMS"] - 1))
+    tuned = autotune.autotune(space=space, key=["n"], timer=timer, mode="on", cache_dir=tmp_path)(kernel)
+    x, out = torch.randn(100), torch.ones(100)
+    # extra programs past the last block are masked off: any SPARE_PROGRAMS gives the same output
+    tuned[lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]) + meta["SPARE_PROGRAMS"],)](x, out, 100)
+    assert torch.equal(out, 1 + x)
+    assert {grid for grid, _ in kernel.launches} == {(4,), (5,), (6,)}
+    assert all("SPARE_PROGRAMS" not in kwargs for _, kwargs in kernel.launches)
+    assert tuned.tuner.select((100, "float32", "float32")).host == {"SPARE_PROGRAMS": 1}
+
+
+# --------------------------------------------------------------------------- override
+
+
+def test_tuner_override_sets_fields_for_a_block(tmp_path):
+    tuner = make_tuner(tmp_path / "a", mode="off")
+    old_timer = tuner.timer
+    assert tuner.select((5,)) == tuner.default((5,)) and tuner.sources[(5,)] == "default"
+    timer = CountingTimer()
+    with tuner.override(mode="on", cache_dir=tmp_path / "b", timer=timer, strategy="local", max_evals=4,
+                        max_seconds=60.0) as same:
+        assert same is tuner
+        assert (tuner.mode, tuner.cache_dir, tuner.strategy, tuner.max_evals) == ("on", tmp_path / "b", "local", 4)
+        assert (5,) not in tuner.sources  # memory reset on entry: the key is looked up again
+        tuner.select((5,))
+        assert tuner.sources[(5,)] == "tuned" and len(timer.calls) <= 4 + 1
+        assert tuner.kernel_file().path.is_relative_to(tmp_path / "b")
+    assert (tuner.mode, tuner.cache_dir, tuner.timer) == ("off", tmp_path / "a", old_timer)
+    assert tuner.strategy == "exhaustive"
+    assert tuner.max_evals is None and tuner.max_seconds is None
+    assert (5,) not in tuner.sources  # reset on exit: nothing chosen under the override is kept
+    assert tuner.select((5,)) == tuner.default((5,))
+
+
+def test_tuner_override_restores_on_errors_and_rejects_unknown_fields(tmp_path):
+    tuner = make_tuner(tmp_path, mode="off")
+    old_timer = tuner.timer
+    with pytest.raises(RuntimeError, match="inside"):
+        with tuner.override(mode="cached", timer=None):
+            assert tuner.mode == "cached" and tuner.timer is None
+            raise RuntimeError("inside")
+    assert tuner.mode == "off" and tuner.timer is old_timer
+    with pytest.raises(TypeError, match="tie"):
+        with tuner.override(mode="on", tie=0.5):
+            pass
+    assert tuner.mode == "off" and tuner.tie == 0.01  # nothing changed
+    with pytest.raises(ValueError, match="mode"):
+        with tuner.override(mode="sometimes"):
+            pass
+    with pytest.raises(ValueError, match="unknown strategy"):
+        with tuner.override(strategy="annealing"):
+            pass
+    with tuner.override(mode=None):  # back to the environment's mode for a while
+        assert tuner.mode is None
+    assert tuner.mode == "off"
+
+
+def test_module_override_covers_every_registered_tuner(tmp_path, monkeypatch):
+    a, b = make_tuner(tmp_path / "a", mode="off"), make_tuner(tmp_path / "b", mode="cached")
+    monkeypatch.setattr(autotune.registry, "TUNERS", {"a": a, "b": b})
+    with autotune.override(mode="on", max_evals=3) as chosen:
+        assert chosen == [a, b]
+        assert a.mode == b.mode == "on" and a.max_evals == b.max_evals == 3
+    assert (a.mode, b.mode, a.max_evals, b.max_evals) == ("off", "cached", None, None)
+    with autotune.override([b, "a", b], cache_dir=tmp_path / "c") as chosen:
+        assert chosen == [b, a]
+        assert a.cache_dir == b.cache_dir == tmp_path / "c"
+    assert (a.cache_dir, b.cache_dir) == (tmp_path / "a", tmp_path / "b")
+    with autotune.override([a], mode="cached"):
+        assert a.mode == "cached" and b.mode == "cached"
+    with pytest.raises(RuntimeError):
+        with autotune.override(strategy="random"):
+            assert a.strategy == b.strategy == "random"
+            raise RuntimeError
+    assert a.strategy == b.strategy == "exhaustive"
+    with pytest.raises(TypeError):
+        with autotune.override([], runner=None):
+            pass
+    with pytest.raises(KeyError, match="no registered tuner"):
+        with autotune.override(["nosuch"], mode="off"):
+            pass
+
+
+# --------------------------------------------------------------------------- the command's strategies
+
+
+def test_cli_strategy_choices_come_from_the_registry(monkeypatch):
+    from autotune import cli
+    from autotune.search import STRATEGIES, Exhaustive
+
+    choices = lambda: next(a.choices for a in cli.build_parser({})._subparsers._group_actions[0]  # noqa: E731
+                           .choices["tune"]._actions if a.dest == "strategy")
+    assert list(choices()) == sorted(STRATEGIES)
+
+    class Mine(Exhaustive):
+        name = "mine"
+
+    monkeypatch.setitem(STRATEGIES, "mine", Mine)
+    assert "mine" in choices()
+    assert cli.build_parser({}).parse_args(["tune", "--strategy", "mine"]).strategy == "mine"
+
+
+# --------------------------------------------------------------------------- the agreement check
+
+
+def test_agreement_tolerance_table():
+    from autotune.tuner import AGREE_RTOL, agree_rtol, default_check
+
+    assert AGREE_RTOL == {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-2, "float64": 1e-9}
+    assert agree_rtol(torch.bfloat16) == 3e-2 and agree_rtol("float64") == 1e-9 and agree_rtol(torch.int32) is None
+
+    def agree(dtype, ref, out):
+        return default_check(torch.tensor(out, dtype=dtype), torch.tensor(ref, dtype=dtype))
+
+    # relative to the largest finite reference value
+    assert agree(torch.bfloat16, [8.0, 0.25], [8.0, 0.25 + 0.2])  # 2.5e-2 of 8
+    assert not agree(torch.bfloat16, [8.0, 0.25], [8.0, 0.25 + 0.32])  # 4e-2
+    assert not agree(torch.float16, [8.0, 0.25], [8.0, 0.25 + 0.2])
+    assert agree(torch.float32, [1.0, 2.0], [1.0, 2.0 * (1 + 5e-3)])  # TF32 rounding passes
+    assert not agree(torch.float32, [1.0, 2.0], [1.0, 2.0 * (1 + 2e-2)])
+    assert agree(torch.float64, [1.0], [1.0 + 1e-10])
+    assert not agree(torch.float64, [1.0], [1.0 + 1e-8])
+    # integers and bools: exactly equal
+    assert agree(torch.int32, [1, 2, 3], [1, 2, 3])
+    assert not agree(torch.int32, [1, 2, 3], [1, 2, 4])
+    assert not agree(torch.int64, [2 ** 60], [2 ** 60 + 1])  # beyond float64's 53 bits
+    assert not agree(torch.bool, [True, False], [True, True])
+    assert not default_check(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int64))
+    # non-finite values must sit in the same places
+    nan, inf = float("nan"), float("inf")
+    assert agree(torch.float32, [nan, inf, 1.0], [nan, inf, 1.0])
+    assert not agree(torch.float32, [nan, 1.0], [1.0, 1.0])
+    assert not agree(torch.float32, [inf, 1.0], [-inf, 1.0])
+    assert not agree(torch.float32, [1.0, 1.0], [1.0, nan])
+    # several outputs, each by its own dtype
+    assert default_check((torch.ones(2), torch.arange(3)), (torch.ones(2) * (1 + 1e-3), torch.arange(3)))
+    assert not default_check((torch.ones(2), torch.arange(3)), (torch.ones(2), torch.arange(3) + 1))
+    assert not default_check((torch.ones(2),), (torch.ones(2), torch.ones(2)))

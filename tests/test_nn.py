@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tritonops.nn as tnn
-from tritonops import reference
+from tritonops import testing
 
 PAIRS = {
     "LayerNorm": (tnn.LayerNorm, torch.nn.LayerNorm),
@@ -57,9 +57,9 @@ def test_module_matches_torch(device, name, args, kwargs, shape):
         params = list(module.parameters())
         outs.append((out, torch.autograd.grad(out, [inp, *params], g)))
     (o, og), (t, tg), (r, rg) = outs
-    reference.assert_close(o, r, t)
+    testing.assert_close(o, r, t)
     for a, b, c in zip(og, tg, rg):
-        reference.assert_close(a, c, b)
+        testing.assert_close(a, c, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -71,7 +71,7 @@ def test_module_dtype_argument(device, dtype):
         assert all(p.dtype == dtype for p in m.parameters())
         out = m(x)
         assert out.dtype == dtype
-        reference.assert_close(out, copy.deepcopy(ref).double()(x.double()), ref(x))
+        testing.assert_close(out, copy.deepcopy(ref).double()(x.double()), ref(x))
 
 
 def test_softmax_module_without_dim_warns_like_torch(device):
@@ -83,7 +83,7 @@ def test_softmax_module_without_dim_warns_like_torch(device):
             got = ours(x)
         with pytest.warns(UserWarning, match="Implicit dimension"):
             ref = theirs(x.double())
-        reference.assert_close(got, ref, want)
+        testing.assert_close(got, ref, want)
 
 
 def test_torch_model_state_dict_loads_into_ours(device):
@@ -99,4 +99,4 @@ def test_torch_model_state_dict_loads_into_ours(device):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 8, device=device)
     ref = copy.deepcopy(theirs).double()
-    reference.assert_close(ours(x), ref(x.double()), theirs(x))
+    testing.assert_close(ours(x), ref(x.double()), theirs(x))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonops
-from tritonops import reference
+from tritonops import reference, testing
 
 from .utils import check_op
 
@@ -85,10 +85,10 @@ def _compare_to_unpatched(unpatched, patched, idx, targets):
     out, grads = _step(patched, idx, targets)
     ref_out, ref_grads = _step(ref_model, idx, targets)
     torch_out, torch_grads = _step(unpatched, idx, targets)
-    reference.assert_close(out, ref_out, torch_out, what="log-probabilities")
+    testing.assert_close(out, ref_out, torch_out, what="log-probabilities")
     assert grads.keys() == torch_grads.keys()
     for name, g in grads.items():
-        reference.assert_close(g, ref_grads[name], torch_grads[name], what=f"grad of {name}")
+        testing.assert_close(g, ref_grads[name], torch_grads[name], what=f"grad of {name}")
 
 
 def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):

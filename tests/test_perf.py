@@ -1,46 +1,24 @@
-"""perf/: the benchmark runner's results schema, the work counts behind its metrics, and
-the report rendering every plot from the committed sample. Nothing here is timed."""
+"""perf: the benchmark runner's results schema, the work counts behind its metrics, the
+replay of the search strategies, and the report rendering every plot from the committed
+sample. Nothing here is timed. `perf` is a package of the checkout root, which pytest puts
+on sys.path (tests/ is a package whose parent holds no __init__.py)."""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-PERF = Path(__file__).resolve().parent.parent / "perf"
-SAMPLE = PERF / "results" / "sample" / "results.json"
+from perf import bench, cases, replay, report, schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "perf" / "results" / "sample" / "results.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load(name: str):
-    if str(PERF) not in sys.path:
-        sys.path.insert(0, str(PERF))  # bench.py imports cases.py as a sibling
-    spec = importlib.util.spec_from_file_location(f"perf_{name}", PERF / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return _load("bench")
-
-
-@pytest.fixture(scope="module")
-def report():
-    return _load("report")
-
-
-@pytest.fixture(scope="module")
-def cases():
-    _load("bench")
-    import cases as mod
-
-    return mod
 
 
 def _check_row(row: dict) -> None:
@@ -59,19 +37,22 @@ def _check_row(row: dict) -> None:
 @pytest.fixture(autouse=True)
 def _scratch_cache(tmp_path, monkeypatch):
     # on a GPU the tuned provider tunes (2 evaluations here): never into a real cache
-    monkeypatch.setenv("TRITONOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 SMOKE = ["--preset", "smoke", "--ops", "matmul", "--max-shapes", "1", "--tune-budget", "2", "--no-ceilings"]
 
 
-def test_smoke_run_schema(bench, tmp_path):
+def test_smoke_run_schema(tmp_path):
     """A tiny matmul run end to end (interpreter here, the GPU there): the results file."""
     out = tmp_path / "r.json"
-    rc = bench.main([*SMOKE, "--modes", "fwd,bwd", "--providers", "tritonops,torch", "--out", str(out)])
+    cache = tmp_path / "run-cache"
+    rc = bench.main([*SMOKE, "--modes", "fwd,bwd", "--providers", "tritonops,torch", "--out", str(out),
+                     "--cache-dir", str(cache)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["schema"] == bench.SCHEMA and res["schema_version"] == bench.SCHEMA_VERSION
+    assert res["schema"] == schema.SCHEMA and res["schema_version"] == schema.SCHEMA_VERSION
+    assert res["run"]["cache_dir"] == str(cache.resolve())
     dev = res["device"]
     for k in ("name", "capability", "driver", "torch", "triton", "cuda", "date", "gpu", "note"):
         assert k in dev, k
@@ -92,19 +73,24 @@ def test_smoke_run_schema(bench, tmp_path):
     assert all(r["rel_err_vs_torch"] < 0.05 for r in ours)
 
 
-def test_failing_provider_is_recorded(bench, cases, monkeypatch, tmp_path):
-    """A provider that raises becomes an error row; the others still run."""
+def _plant_torch_failure(monkeypatch, message: str) -> None:
+    """matmul's torch provider raises `message` when run; the other providers are untouched."""
     spec = cases.OPS["matmul"]
     real = spec.provider_fn
 
     def provider_fn(provider, shape, ours):
         if provider == "torch":
             def boom(*args):
-                raise RuntimeError("planted failure\nsecond line")
+                raise RuntimeError(message)
             return boom
         return real(provider, shape, ours)
 
     monkeypatch.setattr(spec, "provider_fn", provider_fn)
+
+
+def test_failing_provider_is_recorded(monkeypatch, tmp_path):
+    """A provider that raises becomes an error row; the others still run."""
+    _plant_torch_failure(monkeypatch, "planted failure\nsecond line")
     out = tmp_path / "r.json"
     bench.main([*SMOKE, "--modes", "fwd", "--providers", "tritonops,torch", "--out", str(out)])
     rows = {r["provider"]: r for r in json.loads(out.read_text())["cases"]}
@@ -112,16 +98,29 @@ def test_failing_provider_is_recorded(bench, cases, monkeypatch, tmp_path):
     assert "p50" in rows["tritonops"] and rows["tritonops"]["speedup_vs_torch"] is None
 
 
-def test_tuner_state_restores(bench):
+def test_provider_overrides_restore():
+    """Each provider runs every Tuner under its autotune.override fields, undone after the case."""
     from autotune.registry import TUNERS
 
-    before = {n: (t.mode, t.max_evals, t.max_seconds) for n, t in TUNERS.items()}
-    with bench.tuner_state(mode="off", max_evals=3, max_seconds=1.0):
-        assert all(t.mode == "off" and t.max_evals == 3 for t in TUNERS.values())
-    assert {n: (t.mode, t.max_evals, t.max_seconds) for n, t in TUNERS.items()} == before
+    assert bench.provider_overrides("torch", True) is None
+    assert bench.provider_overrides("tritonops-default", False) == {"mode": "off"}
+    assert bench.provider_overrides("tritonops", False, 3, 1.0) == {}  # interpreter: modes kept
+    assert bench.provider_overrides("tritonops", True, None, 1.0) == {"mode": "on", "max_seconds": 1.0}
+    runner = bench.Runner(argparse.Namespace(tune_budget=3, tune_seconds=1.0), True, None, {}, None)
+
+    def state():
+        return {n: (t.mode, t.max_evals, t.max_seconds) for n, t in TUNERS.items()}
+
+    before = state()
+    with runner.provider_context("tritonops"):
+        assert all(v == ("on", 3, 1.0) for v in state().values())
+    assert state() == before
+    with runner.provider_context("tritonops-default"):
+        assert all(v[0] == "off" for v in state().values())
+    assert state() == before
 
 
-def test_work_counts(cases):
+def test_work_counts():
     mm = {"M": 128, "N": 256, "K": 64}
     assert cases.matmul_flops(mm, None, "fwd") == 2 * 128 * 256 * 64
     assert cases.matmul_flops(mm, None, "bwd") == 4 * 128 * 256 * 64
@@ -142,7 +141,7 @@ def test_work_counts(cases):
     assert cases.metric_value(spec, mm, "bfloat16", "fwd", 1.0) == pytest.approx(2 * 128 * 256 * 64 / 1e-3 / 1e12)
 
 
-def test_presets_cover_every_op(cases):
+def test_presets_cover_every_op():
     for name, spec in cases.OPS.items():
         assert spec.shapes["smoke"], name
         assert spec.shapes["full"], name
@@ -153,7 +152,7 @@ def test_presets_cover_every_op(cases):
     assert [s["cols"] for s in cases.OPS["softmax"].shapes["full"]][::10] == [256, 262144]
 
 
-def test_report_renders_sample(report, tmp_path):
+def test_report_renders_sample(tmp_path):
     """Every plot of the committed sample results: one PNG per (op, mode, dtype), the
     speed-up chart, the replay plot, and report.md linking them."""
     sample = json.loads(SAMPLE.read_text())
@@ -175,7 +174,7 @@ def test_report_renders_sample(report, tmp_path):
     assert "NOT performance numbers" in md  # the sample comes from the interpreter
 
 
-def test_missing_op_is_recorded(bench, cases, monkeypatch, tmp_path):
+def test_missing_op_is_recorded(monkeypatch, tmp_path):
     """An op whose module does not import (yet) is skipped with its reason, not a crash."""
     monkeypatch.setattr(cases.OPS["softmax"], "module", "tritonops.ops.no_such_module")
     out = tmp_path / "r.json"
@@ -186,7 +185,7 @@ def test_missing_op_is_recorded(bench, cases, monkeypatch, tmp_path):
     assert res["cases"] == [] and res["run"]["complete"] is True
 
 
-def test_report_ceilings_and_two_devices(report, tmp_path):
+def test_report_ceilings_and_two_devices(tmp_path):
     """Two results files (here the sample and a relabelled copy with ceilings) in one report:
     per-device lines, dashed ceilings, and the % of ceiling column."""
     sample = json.loads(SAMPLE.read_text())
@@ -208,22 +207,13 @@ def test_report_ceilings_and_two_devices(report, tmp_path):
     assert "Synthetic GPU (test)" in md and "| Synthetic GPU (test) | 3000 | 790 | 800 |" in md
 
 
-def test_lost_cuda_context_aborts_but_keeps_rows(bench, cases, monkeypatch, tmp_path):
+def test_lost_cuda_context_aborts_but_keeps_rows(monkeypatch, tmp_path):
     """After an error that leaves the GPU unusable the run stops, keeping what it measured."""
-    spec = cases.OPS["matmul"]
-    real = spec.provider_fn
-
-    def provider_fn(provider, shape, ours):
-        if provider == "torch":
-            def boom(*args):
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return boom
-        return real(provider, shape, ours)
+    _plant_torch_failure(monkeypatch, "CUDA error: an illegal memory access was encountered")
 
     def check_context(self):
         raise bench.CudaContextLost("planted")
 
-    monkeypatch.setattr(spec, "provider_fn", provider_fn)
     monkeypatch.setattr(bench.Runner, "check_context", check_context)
     out = tmp_path / "r.json"
     assert bench.main([*SMOKE, "--modes", "fwd", "--providers", "tritonops,torch", "--out", str(out)]) == 0
@@ -233,8 +223,8 @@ def test_lost_cuda_context_aborts_but_keeps_rows(bench, cases, monkeypatch, tmp_
     assert "p50" in rows["tritonops"] and rows["torch"]["error"].startswith("CUDA context lost")
 
 
-def test_report_reads_a_replay_only_file(report, tmp_path):
-    """perf/replay.py --out writes {"replay": ..., "replay_summary": ...}: the report plots it."""
+def test_report_reads_a_replay_only_file(tmp_path):
+    """perf.replay --out writes {"replay": ..., "replay_summary": ...}: the report plots it."""
     data = {"replay": {"[64, 64, 64, \"float16\"] (synthetic)": {"exhaustive": [3.0, 2.0, 2.0, 1.5],
                                                                  "local": [3.0, 1.5]}},
             "replay_summary": {"synthetic": True, "device": None}}
@@ -243,3 +233,74 @@ def test_report_reads_a_replay_only_file(report, tmp_path):
     assert report.main([str(path), "-o", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "replay.png").read_bytes().startswith(PNG_MAGIC)
     assert "(replay.png)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_replay_timings_curves():
+    """One replay over a table of config -> ms: best-so-far curves that never rise, every
+    strategy reaching the best of a table whose best is next to the start."""
+    from tritonops.tuning.matmul import MATMUL_SPACE, matmul_call_keys, matmul_heuristic
+
+    start = matmul_heuristic(matmul_call_keys(64, 64, 64, "bfloat16")[0])
+    near = [c for c in MATMUL_SPACE.neighbours(start)][:4]
+    timings = {start: 2.0, near[0]: 1.0, near[1]: None, near[2]: 3.0, near[3]: 2.5}
+    r = replay.replay_timings(timings, start, MATMUL_SPACE, seeds=3)
+    assert r["configs"] == 5 and r["best_ms"] == 1.0
+    assert set(r["curves"]) == {"exhaustive", "random", "local"}
+    for name, curve in r["curves"].items():
+        values = [v for v in curve if v is not None]
+        assert values and all(a >= b for a, b in zip(values, values[1:])), name
+        assert values[-1] == 1.0 and r["strategies"][name]["reached"] == 1.0, name
+    assert r["curves"]["random"][0] == 2.0  # every seed starts from the default
+    assert len(r["curves"]["exhaustive"]) == 5
+
+
+def test_replay_benchmark_on_the_synthetic_table():
+    table = replay.synthetic_table()
+    key = next(iter(table["keys"]))
+    result = replay.replay({**table, "keys": {key: table["keys"][key]}})["keys"][key]["strategies"]
+    assert result["local"]["reached"] == 1.0 and result["exhaustive"]["reached"] == 1.0
+    assert result["local"]["evaluations_to_within"] < result["exhaustive"]["evaluations_to_within"]
+
+
+def test_synthetic_table_keys_are_the_ops_keys():
+    """The synthetic table is keyed by torch.matmul's forward key, as the ops build it."""
+    from autotune import Config
+    from tritonops.tuning.matmul import MatmulKey, matmul_call_keys, matmul_heuristic
+
+    table = replay.synthetic_table()
+    assert table["synthetic"] is True
+    for text, entry in table["keys"].items():
+        key = MatmulKey(*json.loads(text))
+        assert key == matmul_call_keys(key.M, key.N, key.K, key.dtype)[0]
+        assert Config.from_json(entry["default"]) == matmul_heuristic(key)
+        assert entry["default"] in entry["timings"]
+
+
+def test_bench_replay_feeds_the_report(tmp_path):
+    """bench --replay times a small table and replays it with perf.replay: the results carry
+    the curves the report's replay plot draws."""
+    out = tmp_path / "r.json"
+    assert bench.main(["--preset", "smoke", "--ops", "", "--no-ceilings", "--replay", "3",
+                       "--replay-shape", "16x16x16", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "replay_error" not in res, res.get("replay_error")
+    (name, curves), = res["replay"].items()
+    assert set(curves) == {"exhaustive", "random", "local"}
+    assert all(isinstance(v, float) for curve in curves.values() for v in curve)
+    meta = res["replay_meta"][name]
+    assert meta["key"][:3] == [16, 16, 16] and len(meta["table"]) == 3
+    assert set(meta["strategies"]) == set(curves)
+    assert report.main([str(out), "-o", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "replay.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_modules_run_from_the_root():
+    """`python3 -m perf.X` from the checkout root; the report never imports torch."""
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    r = run("-c", "import sys, perf.report, perf.schema; assert 'torch' not in sys.modules, 'torch imported'")
+    assert r.returncode == 0, r.stderr
+    for module in ("perf.bench", "perf.report", "perf.replay", "perf.bench_lookup"):
+        r = run("-m", module, "--help")
+        assert r.returncode == 0 and f"python3 -m {module}" in r.stdout, (module, r.stderr)

@@ -16,32 +16,28 @@ head h // G. lse and delta are dense (Z * H, L), in base 2 for lse.
 import triton
 import triton.language as tl
 
-from .common import cast_to
+from .common import acc_type, cast_to, upcast
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _mma(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+def _mma(x, dtype: tl.constexpr):
     """An fp32 tile as a tl.dot operand of the inputs' type (tensor cores on the GPU).
 
-    Under the interpreter (UPCAST) the tile is rounded to `dtype` the way the GPU
-    rounds it, then kept in fp32, where the interpreter's arithmetic is right.
+    Under the interpreter a 16-bit `dtype` tile is rounded the way the GPU rounds it,
+    then kept in fp32, where the interpreter's arithmetic is right (common.upcast).
     """
-    y = cast_to(x, dtype, UPCAST)
-    if UPCAST:
-        y = y.to(tl.float32)
-    return y
+    return upcast(cast_to(x, dtype))
 
 
 @triton.jit
-def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.constexpr):
-    """base[rows, cols] with rows (R, 1) and cols (1, C), zero outside (n_rows, n_cols)."""
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """base[rows, cols] with rows (R, 1) and cols (1, C), zero outside (n_rows, n_cols),
+    through common.upcast (fp32 for 16-bit types under the interpreter only)."""
     x = tl.load(base + rows.to(tl.int64) * stride_r + cols.to(tl.int64) * stride_c,
                 mask=(rows < n_rows) & (cols < n_cols), other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+    return upcast(x)
 
 
 @triton.jit
@@ -116,14 +112,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, lo,
                     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
-                    MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    MASK: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    acc_ty = acc.dtype  # acc_type of q's element type, set where the kernel made the accumulator
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _load_tile(k_base, offs_d[:, None], offs_n[None, :], stride_kk, stride_kn, E, S, UPCAST)
-        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        kT = _load_tile(k_base, offs_d[:, None], offs_n[None, :], stride_kk, stride_kn, E, S)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
                     MASK, CAUSAL_MASK, BOUND_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -135,9 +131,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, lo,
         acc = acc * alpha[:, None]
         if DROPOUT:  # the sum above is of the undropped p: dropout acts after the softmax
             p = tl.where(_dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p), p, 0.0)
-        v = _load_tile(v_base, offs_n[:, None], offs_dv[None, :], stride_vn, stride_vk, S, EV, UPCAST)
-        acc = tl.dot(_mma(p, v_base.dtype.element_ty, UPCAST), v, acc,
-                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        v = _load_tile(v_base, offs_n[:, None], offs_dv[None, :], stride_vn, stride_vk, S, EV)
+        acc = tl.dot(_mma(p, v_base.dtype.element_ty), v, acc,
+                     input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -162,8 +158,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # head dims padded to max(next_pow2, 16)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
+    acc_ty = acc_type(q_ptr.dtype.element_ty)
     zh, z, h, hk, start_m = _query_block(L, H, G, BLOCK_M, CAUSAL)
     q_base = q_ptr + z * stride_qz + h * stride_qh
     k_base = k_ptr + z * stride_kz + hk * stride_kh
@@ -173,22 +170,22 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E, UPCAST)
+    q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
-    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
+    m_i = tl.full((BLOCK_M,), float("-inf"), acc_ty)
+    l_i = tl.zeros((BLOCK_M,), acc_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
     free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, 0, free,
         qk_scale, dropout_p, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, INPUT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, free, hi,
         qk_scale, dropout_p, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, INPUT_PRECISION)
 
     # A row with nothing to attend to (every key masked, or S = 0) gives 0, as torch does.
     has_mass = l_i > 0.0
@@ -201,7 +198,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + zh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
     o_base = o_ptr + z * stride_oz + h * stride_oh
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok,
-             cast_to(out, o_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & (offs_dv[None, :] < EV))
+             cast_to(out, o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < EV))
 
 
 # --------------------------------------------------------------------------- backward
@@ -215,8 +212,9 @@ def _attn_bwd_preprocess_kernel(
     H, L, EV,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_dz, stride_dh, stride_dm, stride_dk,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    acc_ty = acc_type(o_ptr.dtype.element_ty)
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     zh = pid // num_m
@@ -225,10 +223,10 @@ def _attn_bwd_preprocess_kernel(
     z = (zh // H).to(tl.int64)
     h = (zh % H).to(tl.int64)
     o = _load_tile(o_ptr + z * stride_oz + h * stride_oh, offs_m[:, None], offs_dv[None, :],
-                   stride_om, stride_ok, L, EV, False)
+                   stride_om, stride_ok, L, EV)
     do = _load_tile(do_ptr + z * stride_dz + h * stride_dh, offs_m[:, None], offs_dv[None, :],
-                    stride_dm, stride_dk, L, EV, False)
-    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+                    stride_dm, stride_dk, L, EV)
+    delta = tl.sum(o.to(acc_ty) * do.to(acc_ty), 1)
     tl.store(delta_ptr + zh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
 
@@ -238,36 +236,37 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, del
                          stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          MASKED: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                         ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         INPUT_PRECISION: tl.constexpr):
     # Transposed tiles (keys x queries), computed directly as k @ q^T: never a transpose
     # of a dot result (Triton 3.4-3.6 miscompile that on Hopper).
     # Rows past L need no score mask: their lse loads as +inf (p = 0) and their dO as 0.
     # Keys past S need none either: they only touch their own rows of dK and dV, never stored.
+    acc_ty = dk.dtype  # acc_type of q's element type, set where the kernel made the accumulator
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
-        q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E, UPCAST)
-        do = _load_tile(do_base, offs_m[:, None], offs_dv[None, :], stride_dom, stride_dok, L, EV, UPCAST)
+        q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E)
+        do = _load_tile(do_base, offs_m[:, None], offs_dv[None, :], stride_dom, stride_dok, L, EV)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         sT = _scores(qkT, qk_scale, mask_base, offs_m[None, :], offs_n[:, None], L, S, stride_mm, stride_mn,
                      MASK, MASKED, False)
         pT = tl.exp2(sT - lse[None, :])
-        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         if DROPOUT:
             keepT = _dropout_keep(seed, zh, offs_m[None, :], offs_n[:, None], L, S, dropout_p)
             pdT = tl.where(keepT, pT * dropout_scale, 0.0)
             dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
         else:
             pdT = pT
-        dv = tl.dot(_mma(pdT, q_base.dtype.element_ty, UPCAST), do, dv,
-                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dv = tl.dot(_mma(pdT, q_base.dtype.element_ty), do, dv,
+                    input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(_mma(dsT, q_base.dtype.element_ty, UPCAST), q, dk,
-                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dk = tl.dot(_mma(dsT, q_base.dtype.element_ty), q, dk,
+                    input_precision=INPUT_PRECISION, out_dtype=acc_ty)
     return dk, dv
 
 
@@ -295,8 +294,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
+    acc_ty = acc_type(q_ptr.dtype.element_ty)
     num_n = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     zhk = pid // num_n
@@ -307,11 +307,11 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(k_ptr + z * stride_kz + hk * stride_kh, offs_n[:, None], offs_d[None, :],
-                   stride_kn, stride_kk, S, E, UPCAST)
+                   stride_kn, stride_kk, S, E)
     v = _load_tile(v_ptr + z * stride_vz + hk * stride_vh, offs_n[:, None], offs_dv[None, :],
-                   stride_vn, stride_vk, S, EV, UPCAST)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC_DTYPE)
+                   stride_vn, stride_vk, S, EV)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), acc_ty)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), acc_ty)
     if CAUSAL:
         # Rows i < start_n see none of these keys; row blocks from `free` on see all of them
         lo = (start_n // BLOCK_M) * BLOCK_M
@@ -332,21 +332,21 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, zh, lo, free,
             qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-            BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+            BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, MASK, DROPOUT, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, zh, max(free, lo), L,
             qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-            BLOCK_M, BLOCK_D, BLOCK_DV, False, MASK, DROPOUT, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+            BLOCK_M, BLOCK_D, BLOCK_DV, False, MASK, DROPOUT, INPUT_PRECISION)
 
     dk = dk * sm_scale
     n_ok = offs_n[:, None] < S
     tl.store(dk_ptr + z * stride_dkz + hk * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
              + offs_d[None, :] * stride_dkk,
-             cast_to(dk, dk_ptr.dtype.element_ty, UPCAST), mask=n_ok & (offs_d[None, :] < E))
+             cast_to(dk, dk_ptr.dtype.element_ty), mask=n_ok & (offs_d[None, :] < E))
     tl.store(dv_ptr + z * stride_dvz + hk * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
              + offs_dv[None, :] * stride_dvk,
-             cast_to(dv, dv_ptr.dtype.element_ty, UPCAST), mask=n_ok & (offs_dv[None, :] < EV))
+             cast_to(dv, dv_ptr.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < EV))
 
 
 @triton.jit
@@ -356,28 +356,29 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_b
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
                        MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-                       ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       INPUT_PRECISION: tl.constexpr):
+    acc_ty = dq.dtype  # acc_type of q's element type, set where the kernel made the accumulator
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n[:, None], offs_d[None, :], stride_kn, stride_kk, S, E, UPCAST)
-        vT = _load_tile(v_base, offs_dv[:, None], offs_n[None, :], stride_vk, stride_vn, EV, S, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        k = _load_tile(k_base, offs_n[:, None], offs_d[None, :], stride_kn, stride_kk, S, E)
+        vT = _load_tile(v_base, offs_dv[:, None], offs_n[None, :], stride_vk, stride_vn, EV, S)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         # Keys past S must be masked: exp2(0 - lse) can overflow, and inf * (k = 0) is NaN
         s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
                     MASK, CAUSAL_MASK, BOUND_MASK)
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         if DROPOUT:
             keep = _dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:  # d loss / d additive mask = ds
             tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :].to(tl.int64) * stride_dmn,
-                     cast_to(ds, dmask_base.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
-        dq = tl.dot(_mma(ds, k_base.dtype.element_ty, UPCAST), k, dq,
-                    input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                     cast_to(ds, dmask_base.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+        dq = tl.dot(_mma(ds, k_base.dtype.element_ty), k, dq,
+                    input_precision=INPUT_PRECISION, out_dtype=acc_ty)
     return dq
 
 
@@ -405,39 +406,40 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
+    acc_ty = acc_type(q_ptr.dtype.element_ty)
     zh, z, h, hk, start_m = _query_block(L, H, G, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
     q = _load_tile(q_ptr + z * stride_qz + h * stride_qh, offs_m[:, None], offs_d[None, :],
-                   stride_qm, stride_qk, L, E, UPCAST)
+                   stride_qm, stride_qk, L, E)
     do = _load_tile(do_ptr + z * stride_doz + h * stride_doh, offs_m[:, None], offs_dv[None, :],
-                    stride_dom, stride_dok, L, EV, UPCAST)
+                    stride_dom, stride_dok, L, EV)
     lse = tl.load(lse_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = k_ptr + z * stride_kz + hk * stride_kh
     v_base = v_ptr + z * stride_vz + hk * stride_vh
     mask_base = mask_ptr + z * stride_mz + h * stride_mh
     dmask_base = dmask_ptr + z * stride_dmz + h * stride_dmh
-    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), acc_ty)
     free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, 0, free,
         qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, MASK_GRAD, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, free, hi,
         qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, MASK_GRAD, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
     dq = dq * sm_scale
     tl.store(dq_ptr + z * stride_dqz + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
              + offs_d[None, :] * stride_dqk,
-             cast_to(dq, dq_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & (offs_d[None, :] < E))
+             cast_to(dq, dq_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < E))
 
 
 # --------------------------------------------------------------------------- dropout mask, for tests

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import cast_to, tanh
+from .common import acc_type, cast_to, tanh, upcast
 
 # constexpr: jit code may not read plain float globals (Triton 3.6); kept as right-hand operands,
 # which the interpreter needs
@@ -59,10 +59,9 @@ def _matmul_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the K loop
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 inputs
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
-    UPCAST: tl.constexpr,  # interpreter with 16-bit floats only: compute in fp32 (see common.cast_to)
 ):
+    acc_ty = acc_type(a_ptr.dtype.element_ty)  # float32, or float64 for float64 inputs
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -86,7 +85,7 @@ def _matmul_fwd_kernel(
     a_ptrs = a_ptr + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -95,21 +94,18 @@ def _matmul_fwd_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(upcast(a), upcast(b), acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias).to(ACC_DTYPE)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias).to(acc_ty)[None, :]
     c_offs = batch * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if STORE_PREACT:
-        tl.store(z_ptr + c_offs, cast_to(acc, z_ptr.dtype.element_ty, UPCAST), mask=c_mask)
+        tl.store(z_ptr + c_offs, cast_to(acc, z_ptr.dtype.element_ty), mask=c_mask)
     out = _activation_fwd(acc, ACTIVATION)
-    tl.store(c_ptr + c_offs, cast_to(out, c_ptr.dtype.element_ty, UPCAST), mask=c_mask)
+    tl.store(c_ptr + c_offs, cast_to(out, c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -123,21 +119,22 @@ def _epilogue_bwd_kernel(
     stride_zr, stride_zn,
     stride_dzr, stride_dzn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    acc_ty = acc_type(dy_ptr.dtype.element_ty)
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
     dz = tl.load(dy_ptr + offs_r[:, None] * stride_dyr + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
-    dz = dz.to(ACC_DTYPE)
+    dz = dz.to(acc_ty)
     if ACTIVATION != "none":
         z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-        dz = dz * _activation_grad(z.to(ACC_DTYPE), ACTIVATION)
-        dz = cast_to(dz, dz_ptr.dtype.element_ty, UPCAST)
+        dz = dz * _activation_grad(z.to(acc_ty), ACTIVATION)
+        dz = cast_to(dz, dz_ptr.dtype.element_ty)
         tl.store(dz_ptr + offs_r[:, None] * stride_dzr + offs_n[None, :] * stride_dzn, dz, mask=mask)
     if HAS_BIAS:
         # The bias gradient sums the (rounded) dz the weight gradient sees.
-        dz = dz.to(ACC_DTYPE)
+        dz = dz.to(acc_ty)
         tl.store(dbias_part_ptr + pid_r * N + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)

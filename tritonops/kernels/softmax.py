@@ -12,7 +12,7 @@ contiguous in memory, so the loads stay coalesced without a transpose copy.
 import triton
 import triton.language as tl
 
-from .common import cast_to
+from .common import acc_type, cast_to
 
 
 @triton.jit
@@ -37,9 +37,8 @@ def _softmax_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,  # N <= BLOCK_N: the whole row is one tile
     LOG: tl.constexpr,  # log_softmax instead of softmax
-    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 outputs
-    UPCAST: tl.constexpr,  # interpreter with 16-bit floats only (see common.cast_to)
 ):
+    acc_ty = acc_type(y_ptr.dtype.element_ty)  # float32, or float64 for float64 outputs
     pid = tl.program_id(0)
     x_row, row_mask = _row_offsets(pid, n_rows, inner, stride_xo, stride_xi, BLOCK_R)
     y_row, _ = _row_offsets(pid, n_rows, inner, stride_yo, stride_yi, BLOCK_R)
@@ -47,7 +46,7 @@ def _softmax_fwd_kernel(
     if ONE_PASS:
         mask = row_mask[:, None] & (cols[None, :] < N)
         c = cols[None, :].to(tl.int64)
-        x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(ACC_DTYPE)
+        x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(acc_ty)
         # As torch: x - max is NaN on rows of all -inf or holding +inf / NaN, and so is the result.
         z = x - tl.max(x, axis=1)[:, None]
         e = tl.exp(z)
@@ -56,15 +55,15 @@ def _softmax_fwd_kernel(
             y = z - tl.log(s)[:, None]
         else:
             y = e * (1.0 / s)[:, None]
-        tl.store(y_ptr + y_row[:, None] + c * stride_yn, cast_to(y, y_ptr.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(y_ptr + y_row[:, None] + c * stride_yn, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         # Online softmax: one pass for the running max m and the sum s of exp(x - m), one to write.
-        m = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
-        s = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        m = tl.full((BLOCK_R,), float("-inf"), acc_ty)
+        s = tl.zeros((BLOCK_R,), acc_ty)
         for start in tl.range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols[None, :] < N)
             c = (start + cols[None, :]).to(tl.int64)
-            x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(ACC_DTYPE)
+            x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(acc_ty)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             # While a row has seen only -inf, rescale by 0 instead of exp(-inf - -inf) = NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -77,12 +76,12 @@ def _softmax_fwd_kernel(
         for start in tl.range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols[None, :] < N)
             c = (start + cols[None, :]).to(tl.int64)
-            x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(ACC_DTYPE)
+            x = tl.load(x_ptr + x_row[:, None] + c * stride_xn, mask=c < N, other=float("-inf")).to(acc_ty)
             if LOG:
                 y = (x - m[:, None]) - log_s[:, None]
             else:
                 y = tl.exp(x - m[:, None]) * inv_s[:, None]
-            tl.store(y_ptr + y_row[:, None] + c * stride_yn, cast_to(y, y_ptr.dtype.element_ty, UPCAST), mask=mask)
+            tl.store(y_ptr + y_row[:, None] + c * stride_yn, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -95,9 +94,9 @@ def _softmax_bwd_kernel(
     stride_dyo, stride_dyn, stride_dyi,
     stride_dxo, stride_dxn, stride_dxi,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr, LOG: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """softmax: dx = y * (dy - sum(dy * y)); log_softmax: dx = dy - exp(y) * sum(dy)."""
+    acc_ty = acc_type(y_ptr.dtype.element_ty)  # float32, or float64 for a float64 forward output
     pid = tl.program_id(0)
     y_row, row_mask = _row_offsets(pid, n_rows, inner, stride_yo, stride_yi, BLOCK_R)
     dy_row, _ = _row_offsets(pid, n_rows, inner, stride_dyo, stride_dyi, BLOCK_R)
@@ -106,32 +105,32 @@ def _softmax_bwd_kernel(
     if ONE_PASS:
         mask = row_mask[:, None] & (cols[None, :] < N)
         c = cols[None, :].to(tl.int64)
-        y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(ACC_DTYPE)
-        dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(ACC_DTYPE)
+        y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(acc_ty)
         if LOG:
             dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
         else:
             dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
-        tl.store(dx_ptr + dx_row[:, None] + c * stride_dxn, cast_to(dx, dx_ptr.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(dx_ptr + dx_row[:, None] + c * stride_dxn, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     else:
-        acc = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        acc = tl.zeros((BLOCK_R,), acc_ty)
         for start in tl.range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols[None, :] < N)
             c = (start + cols[None, :]).to(tl.int64)
-            dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(acc_ty)
             if LOG:
                 acc += tl.sum(dy, axis=1)
             else:
-                y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(ACC_DTYPE)
+                y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(acc_ty)
                 acc += tl.sum(dy * y, axis=1)
         for start in tl.range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols[None, :] < N)
             c = (start + cols[None, :]).to(tl.int64)
-            y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(ACC_DTYPE)
-            dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(ACC_DTYPE)
+            y = tl.load(y_ptr + y_row[:, None] + c * stride_yn, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(dy_ptr + dy_row[:, None] + c * stride_dyn, mask=mask, other=0.0).to(acc_ty)
             if LOG:
                 dx = dy - tl.exp(y) * acc[:, None]
             else:
                 dx = y * (dy - acc[:, None])
-            tl.store(dx_ptr + dx_row[:, None] + c * stride_dxn, cast_to(dx, dx_ptr.dtype.element_ty, UPCAST),
+            tl.store(dx_ptr + dx_row[:, None] + c * stride_dxn, cast_to(dx, dx_ptr.dtype.element_ty),
                      mask=mask)

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-import triton.language as tl
+import triton
 
 from .. import runtime
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 DTYPE_NAMES = {dt: str(dt).replace("torch.", "") for dt in FLOAT_DTYPES}
-
-# Tuned configs shipped with the package: one `autotune export` bundle per GPU model.
-SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
-
-TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
@@ -59,11 +45,6 @@ def use_reference(op: str, device: torch.device) -> bool:
     return False
 
 
-def acc_dtype(dtype: torch.dtype):
-    """The accumulator type: float64 for float64 inputs, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def dot_input_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: float32 follows torch.get_float32_matmul_precision() ('highest'
     is IEEE fp32, else TF32); float64 is IEEE; 16-bit types ignore it."""
@@ -72,11 +53,6 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else "tf32"
 
 
-def interpreter_upcast(dtype: torch.dtype) -> bool:
-    """Under the interpreter 16-bit float arithmetic is wrong: kernels convert such loads to fp32."""
-    return runtime.INTERPRETER and dtype in HALF_DTYPES
-
-
-def tuning_device() -> str:
-    """Where a tuner's runner builds its scratch inputs: the GPU, or the interpreter's CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def padded_dim(d: int) -> int:
+    """A dim padded to a power of two, at least 16 (the smallest tl.dot): attention's head dims."""
+    return max(16, triton.next_power_of_2(d))

@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
+from autotune import Config
 
-from .. import reference, runtime
-from ..kernels import attention as attention_kernels
-from ..kernels import common as common_kernels
+from .. import runtime
 from ..kernels.attention import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -36,346 +34,12 @@ from ..kernels.attention import (
     _attn_dropout_mask_kernel,
     _attn_fwd_kernel,
 )
-from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, dot_input_precision, interpreter_upcast,
-                      tuning_device, use_reference)
+from ..tuning.attention import (ATTENTION_BWD_DKDV_TUNER, ATTENTION_BWD_DQ_TUNER, ATTENTION_BWD_PREPROCESS_TUNER,
+                                ATTENTION_TUNER, MAX_HEAD_DIM, attention_dq_key, attention_key,
+                                attention_preprocess_key)
+from ._common import check_same, dot_input_precision, padded_dim, use_reference
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-ITEMSIZE = {name: getattr(torch, name).itemsize for name in DTYPE_NAMES.values()}
-
-# --------------------------------------------------------------------------- config choice
-#
-# Keys (small tuples, built per launch without string formatting):
-#   attention_key: (padded head dim (max over E and Ev), causal, dtype name, bucket(L),
-#                   bucket(S), mask kind ("none" | "bool" | "add"), dropout): forward and dK/dV.
-#                   L and S are bucketed to powers of two: blocks depend only on next_pow2(L/S).
-#                   The mask (an L x S read per tile) and dropout (Philox per score) change the
-#                   work per tile, so the best tile; GQA is left out: it only shrinks the dK/dV
-#                   grid, as a smaller batch does, and neither batch nor heads are in the key.
-#   attention_dq_key: attention_key + (mask gradient,): dQ also writes the L x S mask gradient.
-#   attention_preprocess_key: (padded Ev, dtype name, bucket(L)).
-# The defaults are leads for Hopper (Inductor's H100 defaults, the Triton FA2 tutorial),
-# to be replaced by tuned winners; the interpreter cannot judge them.
-
-SMEM_BUDGET = 200 * 1024  # bytes a default may use: under Hopper's 227 KB, room for the compiler's own
-REGISTER_VALUES = 256  # fp32 accumulator + score values per thread a config may hold (255 registers max)
-FWD_8_WARP_TILE = 128 * 64  # the smallest forward BLOCK_M x BLOCK_N tile worth 8 warps on sm90
-BWD_8_WARP_BLOCK = 64  # the smallest block a backward program owns (dK/dV: BLOCK_N, dQ: BLOCK_M) for 8 warps
-
-
-def _head_block(d: int) -> int:
-    """A head dim padded to a power of two, at least 16 (the smallest tl.dot)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def attention_key(E: int, EV: int, L: int, S: int, dtype: torch.dtype, causal: bool, mask_kind: str = "none",
-                  dropout: bool = False) -> tuple:
-    """The forward's and dK/dV's key: (padded head dim, causal, dtype, bucket(L), bucket(S), mask kind, dropout)."""
-    return (max(_head_block(E), _head_block(EV)), causal, DTYPE_NAMES[dtype], bucket(L), bucket(S), mask_kind,
-            dropout)
-
-
-def attention_dq_key(E: int, EV: int, L: int, S: int, dtype: torch.dtype, causal: bool, mask_kind: str = "none",
-                     dropout: bool = False, mask_grad: bool = False) -> tuple:
-    """dQ's key: attention_key + whether the additive mask's gradient is written."""
-    return attention_key(E, EV, L, S, dtype, causal, mask_kind, dropout) + (mask_grad,)
-
-
-def attention_preprocess_key(EV: int, L: int, dtype: torch.dtype) -> tuple:
-    """The preprocess's key: (padded Ev, dtype, bucket(L))."""
-    return (_head_block(EV), DTYPE_NAMES[dtype], bucket(L))
-
-
-def _prune(block: int, n: int) -> int:
-    """No block beyond the next power of two of the extent, none under 16 (the smallest tl.dot)."""
-    return min(block, max(16, triton.next_power_of_2(max(n, 1))))
-
-
-def _by_head_dim(head_dim: int, d64, d128, d256):
-    """The entry for a (padded) head dim of at most 64, 128 or 256."""
-    return d64 if head_dim <= 64 else d128 if head_dim <= 128 else d256
-
-
-def _narrow(block: int, itemsize: int) -> int:
-    """A block tuned for 2-byte types, halved for each doubling of the element size (never under 16)."""
-    return max(16, block // max(1, itemsize // 2))
-
-
-def _fwd_smem(block_m: int, block_n: int, stages: int, head_dim: int, itemsize: int) -> int:
-    """Shared memory of a forward program: the Q tile, and K and V tiles for each pipeline stage."""
-    return (block_m + stages * 2 * block_n) * head_dim * itemsize
-
-
-def _fit_smem(block_m: int, block_n: int, head_dim: int, itemsize: int, stages: int) -> tuple[int, int]:
-    """Halve BLOCK_N, then (float64 only) drop stages, until the forward fits SMEM_BUDGET."""
-    while block_n > 16 and _fwd_smem(block_m, block_n, stages, head_dim, itemsize) > SMEM_BUDGET:
-        block_n //= 2
-    while stages > 1 and _fwd_smem(block_m, block_n, stages, head_dim, itemsize) > SMEM_BUDGET:
-        stages -= 1
-    return block_n, stages
-
-
-def attention_config(key: tuple) -> Config:
-    """Forward default for an attention_key: BLOCK_M query rows per program, stepping BLOCK_N keys.
-
-    Inductor's H100 bf16 defaults (BM, BN, stages, warps): head dim <= 64 (128, 128, 3, 4),
-    <= 128 (128, 64, 3, 8), <= 256 (64, 32, 3, 4). 4-byte types halve BLOCK_N (twice the
-    bytes per tile), 8-byte ones (interpreter only) halve it again. BLOCK_N then shrinks
-    (and for float64 the stages drop) until Q and 3 stages of K and V fit in shared memory;
-    BLOCK_M and BLOCK_N are pruned to next_pow2(L) and next_pow2(S) (at least 16), and a
-    tile under 128 x 64 uses 4 warps.
-    """
-    head_dim, _, dtype, L, S = key[:5]
-    itemsize = ITEMSIZE[dtype]
-    bm, bn, stages, warps = _by_head_dim(head_dim, (128, 128, 3, 4), (128, 64, 3, 8), (64, 32, 3, 4))
-    bm, bn = _prune(bm, L), _prune(_narrow(bn, itemsize), S)
-    bn, stages = _fit_smem(bm, bn, head_dim, itemsize, stages)
-    if bm < 128 or bm * bn < FWD_8_WARP_TILE:
-        warps = 4
-    return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def attention_bwd_dkdv_config(key: tuple) -> Config:
-    """dK/dV default for an attention_key: BLOCK_N keys per program (their dK, dV accumulators
-    stay in registers), stepping BLOCK_M query rows.
-
-    From the Triton FA2 tutorial on H100 (BLOCK_N1 = 128, BLOCK_M1 = 32): head dim <= 64
-    (32, 128, 4 warps, 3 stages), <= 128 (32, 128, 8 warps, 2 stages: the accumulators
-    double), <= 256 (16, 64, 8 warps, 2 stages). 4- and 8-byte types halve BLOCK_N for each
-    doubling of the element size; blocks pruned to the extents as in `attention_config`;
-    a BLOCK_N under 64 uses 4 warps.
-    """
-    head_dim, _, dtype, L, S = key[:5]
-    bm, bn, warps, stages = _by_head_dim(head_dim, (32, 128, 4, 3), (32, 128, 8, 2), (16, 64, 8, 2))
-    bm, bn = _prune(bm, L), _prune(_narrow(bn, ITEMSIZE[dtype]), S)
-    if bn < BWD_8_WARP_BLOCK:
-        warps = 4
-    return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def attention_bwd_dq_config(key: tuple) -> Config:
-    """dQ default for an attention_dq_key: BLOCK_M query rows per program (dQ accumulator in
-    registers), stepping BLOCK_N keys.
-
-    The mirror of the dK/dV tiles (Triton FA2 tutorial: BLOCK_M2 = 128, BLOCK_N2 = 32):
-    head dim <= 64 (128, 32, 4 warps, 3 stages), <= 128 (128, 32, 8 warps, 2 stages),
-    <= 256 (64, 16, 8 warps, 2 stages); 4- and 8-byte types halve BLOCK_M for each doubling;
-    blocks pruned to the extents; a BLOCK_M under 64 uses 4 warps.
-    """
-    head_dim, _, dtype, L, S = key[:5]
-    bm, bn, warps, stages = _by_head_dim(head_dim, (128, 32, 4, 3), (128, 32, 8, 2), (64, 16, 8, 2))
-    bm, bn = _prune(_narrow(bm, ITEMSIZE[dtype]), L), _prune(bn, S)
-    if bm < BWD_8_WARP_BLOCK:
-        warps = 4
-    return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def attention_bwd_preprocess_config(key: tuple) -> Config:
-    """delta = rowsum(O * dO), for an attention_preprocess_key: memory-bound; 64 rows
-    (fewer for a short L, 16 for a head wider than 128), 4 warps, no pipeline."""
-    head_dim, _, L = key
-    bm = 16 if head_dim > 128 else 64
-    return Config({"BLOCK_M": _prune(bm, L)}, num_warps=4, num_stages=1)
-
-
-# --------------------------------------------------------------------------- search spaces
-# The shared-memory estimates are upper bounds of what Triton 3.6 and 3.9 allocate compiling
-# these kernels for sm90 (checked on float16 tiles from 32 x 128 to 128 x 128 at head dims
-# 64-256, and float32 128 x 128 at d128, 1 to 4 stages): they assume every stage holds its own
-# K/V (or Q/dO) tiles, as float32 loops do; the 16-bit loops were not pipelined at all (the
-# same shared memory at any num_stages: a lead for the GPU).
-# Every config of a space runs correctly on the kernels (any power-of-two BLOCK_M, BLOCK_N
-# from 16, BLOCK_M != BLOCK_N on the causal diagonal included); the rules only drop what
-# cannot run here (shared memory) or cannot win (blocks past the extents, idle warps, spills).
-# From GPU_NOTES, adapted so the measured defaults above stay inside: the tutorial drops
-# forward tiles under 128 x 128 with 8 warps on sm90, which would drop Inductor's d128
-# default (128 x 64, 8 warps), so the bar here is 128 x 64; and its "BLOCK_N <= head dim"
-# is that kernel's static_assert, not a limit of ours (Inductor's d64 default has BLOCK_N
-# 128): the register budget takes its place.
-
-BLOCKS = [16, 32, 64, 128]
-WARPS = [4, 8]
-STAGES = [1, 2, 3, 4]
-
-
-def _problem(key: tuple) -> dict:
-    head_dim, _, dtype, L, S = key[:5]
-    return {"L": L, "S": S, "D": head_dim, "itemsize": ITEMSIZE[dtype],
-            "sm": runtime.device_properties()["capability"][0]}
-
-
-def _fwd_smem_bytes(config: Config, problem: dict) -> int:
-    return _fwd_smem(config["BLOCK_M"], config["BLOCK_N"], config.num_stages, problem["D"], problem["itemsize"])
-
-
-def _dkdv_smem_bytes(config: Config, problem: dict) -> int:
-    """K and V tiles resident; Q and dO tiles for each stage of the loop over query rows, and
-    one more BLOCK_M x D tile (seen compiling float32 for sm90 with 1 stage)."""
-    return ((2 * config.num_stages + 1) * config["BLOCK_M"] + 2 * config["BLOCK_N"]) * problem["D"] * problem[
-        "itemsize"]
-
-
-def _dq_smem_bytes(config: Config, problem: dict) -> int:
-    """Q and dO tiles resident; K and V tiles for each stage of the loop over keys."""
-    return (config["BLOCK_M"] + config.num_stages * config["BLOCK_N"]) * 2 * problem["D"] * problem["itemsize"]
-
-
-def _values_per_thread(config: Config, values: int) -> bool:
-    return values <= REGISTER_VALUES * 32 * config.num_warps
-
-
-def _fwd_registers(config: Config, problem: dict) -> bool:
-    """The BLOCK_M x BLOCK_N scores and the BLOCK_M x D accumulator fit in registers."""
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    return _values_per_thread(config, bm * bn + bm * problem.get("D", 16))
-
-
-def _fwd_warps(config: Config, problem: dict) -> bool:
-    """On sm90, 8 warps only for a tile of at least 128 x 64 (two warpgroups of 64 rows with work)."""
-    if config.num_warps < 8 or problem.get("sm", 9) != 9:
-        return True
-    return config["BLOCK_M"] >= 128 and config["BLOCK_M"] * config["BLOCK_N"] >= FWD_8_WARP_TILE
-
-
-def _dkdv_rules(config: Config, problem: dict) -> bool:
-    """The transposed scores (BLOCK_N x BLOCK_M) and the dK, dV accumulators (BLOCK_N x D each)
-    fit in registers; 8 warps only for a BLOCK_N of at least 64."""
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    if config.num_warps >= 8 and bn < BWD_8_WARP_BLOCK:
-        return False
-    return _values_per_thread(config, bn * bm + 2 * bn * problem.get("D", 16))
-
-
-def _dq_rules(config: Config, problem: dict) -> bool:
-    """The scores (BLOCK_M x BLOCK_N) and the dQ accumulator (BLOCK_M x D) fit in registers;
-    8 warps only for a BLOCK_M of at least 64."""
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    if config.num_warps >= 8 and bm < BWD_8_WARP_BLOCK:
-        return False
-    return _values_per_thread(config, bm * bn + bm * problem.get("D", 16))
-
-
-def _preprocess_problem(key: tuple) -> dict:
-    head_dim, dtype, L = key
-    return {"L": L, "D": head_dim, "itemsize": ITEMSIZE[dtype]}
-
-
-def _preprocess_registers(config: Config, problem: dict) -> bool:
-    """The O and dO tiles (BLOCK_M x Ev each, fp32) fit in registers."""
-    return _values_per_thread(config, 2 * config["BLOCK_M"] * problem.get("D", 16))
-
-
-_BLOCK_DIMS = {"BLOCK_M": "L", "BLOCK_N": "S"}
-
-ATTENTION_SPACE = Space(
-    {"BLOCK_M": BLOCKS, "BLOCK_N": BLOCKS}, num_warps=WARPS, num_stages=STAGES, smem_bytes=_fwd_smem_bytes,
-    block_dims=_BLOCK_DIMS, dot_params=["BLOCK_M", "BLOCK_N"], constraints=[_fwd_registers, _fwd_warps], version=1)
-
-ATTENTION_BWD_DKDV_SPACE = Space(
-    {"BLOCK_M": BLOCKS, "BLOCK_N": BLOCKS}, num_warps=WARPS, num_stages=STAGES, smem_bytes=_dkdv_smem_bytes,
-    block_dims=_BLOCK_DIMS, dot_params=["BLOCK_M", "BLOCK_N"], constraints=[_dkdv_rules], version=1)
-
-ATTENTION_BWD_DQ_SPACE = Space(
-    {"BLOCK_M": BLOCKS, "BLOCK_N": BLOCKS}, num_warps=WARPS, num_stages=STAGES, smem_bytes=_dq_smem_bytes,
-    block_dims=_BLOCK_DIMS, dot_params=["BLOCK_M", "BLOCK_N"], constraints=[_dq_rules], version=1)
-
-ATTENTION_BWD_PREPROCESS_SPACE = Space(
-    {"BLOCK_M": BLOCKS}, num_warps=WARPS, num_stages=[1], block_dims={"BLOCK_M": "L"},
-    constraints=[_preprocess_registers], version=1)
-
-
-# --------------------------------------------------------------------------- runners (tuning)
-
-TUNE_ROWS = 65536  # query rows (batch x heads x L) of a runner's problem on a GPU: every key does real work
-TUNE_MIN_HEADS = 8  # ... and at least this many heads, so long sequences still spread over the SMs
-TUNE_DROPOUT = 0.1
-TUNE_SEED = 1234
-
-
-def _tune_heads(L: int) -> int:
-    """batch x heads of a runner's problem: TUNE_ROWS query rows on a GPU (at least
-    TUNE_MIN_HEADS heads); one head under the interpreter, where timings mean nothing."""
-    return max(TUNE_MIN_HEADS, TUNE_ROWS // max(L, 1)) if tuning_device() == "cuda" else 1
-
-
-def _inputs(key: tuple) -> dict:
-    """q, k, v (1, BH, L|S, D) for an attention_key (E = Ev = the key's head dim), the mask
-    its kind asks for ((L, S), broadcast over the heads), and dropout's p and seed."""
-    head_dim, causal, dtype, L, S, mask_kind, dropout = key[:7]
-    dt, device, bh = getattr(torch, dtype), tuning_device(), _tune_heads(L)
-    q, k, v = (torch.randn((1, bh, n, head_dim), device=device, dtype=dt) for n in (L, S, S))
-    mask = None
-    if mask_kind == "bool":
-        mask = (torch.rand((L, S), device=device) > 0.1).expand(1, bh, L, S)
-    elif mask_kind == "add":
-        mask = torch.randn((L, S), device=device, dtype=dt).expand(1, bh, L, S)
-    return {"q": q, "k": k, "v": v, "mask": mask, "causal": causal, "scale": None,
-            "dropout_p": TUNE_DROPOUT if dropout else 0.0, "seed": TUNE_SEED}
-
-
-def _runner(key: tuple):
-    """A forward launch on inputs built for `key`, into fresh outputs (o, lse)."""
-    a = _inputs(key)
-    return lambda config: launch_attention_fwd(a["q"], a["k"], a["v"], a["mask"], a["causal"], a["scale"],
-                                               a["dropout_p"], a["seed"], config=config)
-
-
-def _bwd_inputs(key: tuple) -> dict:
-    """_inputs plus what the backward kernels read: o, lse (default forward), a random dO, delta."""
-    a = _inputs(key)
-    # default configs, not the tuners' choice: no tuning of other kernels in the middle of this one's
-    o, lse = launch_attention_fwd(a["q"], a["k"], a["v"], a["mask"], a["causal"], a["scale"], a["dropout_p"],
-                                  a["seed"], config=attention_config(key[:7]))
-    do = torch.randn_like(o)
-    pkey = attention_preprocess_key(o.shape[-1], o.shape[-2], o.dtype)
-    delta = launch_attention_bwd_preprocess(o, do, config=attention_bwd_preprocess_config(pkey))
-    return {**a, "do": do, "lse": lse, "delta": delta}
-
-
-def _bwd_args(a: dict) -> tuple:
-    return (a["do"], a["q"], a["k"], a["v"], a["mask"], a["lse"], a["delta"], a["causal"], a["scale"],
-            a["dropout_p"], a["seed"])
-
-
-def _dkdv_runner(key: tuple):
-    """A dK/dV launch on the default forward's statistics and a random dO; returns (dk, dv)."""
-    args = _bwd_args(_bwd_inputs(key))
-    return lambda config: launch_attention_bwd_dkdv(*args, config=config)
-
-
-def _dq_runner(key: tuple):
-    """A dQ launch (and the mask gradient, when the key has it); returns (dq,) or (dq, dmask)."""
-    args = _bwd_args(_bwd_inputs(key))
-    mask_grad = key[7]
-
-    def launch(config: Config):
-        dq, dmask = launch_attention_bwd_dq(*args, mask_grad=mask_grad, config=config)
-        return (dq, dmask) if mask_grad else (dq,)
-
-    return launch
-
-
-def _preprocess_runner(key: tuple):
-    """A preprocess launch on random o and dO (1, BH, L, Ev); returns delta."""
-    head_dim, dtype, L = key
-    dt, bh = getattr(torch, dtype), _tune_heads(L)
-    o, do = (torch.randn((1, bh, L, head_dim), device=tuning_device(), dtype=dt) for _ in range(2))
-    return lambda config: launch_attention_bwd_preprocess(o, do, config=config)
-
-
-def _tuner(name, space, default, runner, problem=_problem):
-    return register_tuner(Tuner(name, space, default, runner=runner, problem=problem,
-                                sources=[attention_kernels, common_kernels], shipped=SHIPPED_CONFIGS,
-                                check=reference.configs_agree))
-
-
-ATTENTION_TUNER = _tuner("attention", ATTENTION_SPACE, attention_config, _runner)
-ATTENTION_BWD_DKDV_TUNER = _tuner("attention_bwd_dkdv", ATTENTION_BWD_DKDV_SPACE, attention_bwd_dkdv_config,
-                                  _dkdv_runner)
-ATTENTION_BWD_DQ_TUNER = _tuner("attention_bwd_dq", ATTENTION_BWD_DQ_SPACE, attention_bwd_dq_config, _dq_runner)
-ATTENTION_BWD_PREPROCESS_TUNER = _tuner("attention_bwd_preprocess", ATTENTION_BWD_PREPROCESS_SPACE,
-                                        attention_bwd_preprocess_config, _preprocess_runner,
-                                        problem=_preprocess_problem)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -424,11 +88,9 @@ def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         scale * LOG2E, dropout_p, _dropout_scale(dropout_p), seed,
         H, H // HK, L, S, E, EV,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *o.stride(),
-        BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV),
+        BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV),
         CAUSAL=causal, MASK=mask_kind, DROPOUT=dropout_p > 0,
-        ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=dot_input_precision(q.dtype),
-        UPCAST=interpreter_upcast(q.dtype),
-        **cfg.launch_kwargs(),
+        INPUT_PRECISION=dot_input_precision(q.dtype), **cfg.launch_kwargs(),
     )
     return o, lse
 
@@ -442,7 +104,7 @@ def launch_attention_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, config: C
     cfg = config or ATTENTION_BWD_PREPROCESS_TUNER.select(attention_preprocess_key(EV, L, o.dtype))
     _attn_bwd_preprocess_kernel[(Z * H * triton.cdiv(L, cfg["BLOCK_M"]),)](
         o, do, delta, H, L, EV, *o.stride(), *do.stride(),
-        BLOCK_DV=_head_block(EV), ACC_DTYPE=acc_dtype(o.dtype), **cfg.launch_kwargs())
+        BLOCK_DV=padded_dim(EV), **cfg.launch_kwargs())
     return delta
 
 
@@ -452,9 +114,8 @@ def _bwd_launch_args(q, k, v, mask, causal, scale, dropout_p, seed):
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     mask_t, mask_strides, mask_kind = _mask_args(mask, q)
     scalars = (scale * LOG2E, scale, dropout_p, _dropout_scale(dropout_p), seed)
-    constexprs = dict(BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV), CAUSAL=causal, MASK=mask_kind,
-                      DROPOUT=dropout_p > 0, ACC_DTYPE=acc_dtype(q.dtype),
-                      INPUT_PRECISION=dot_input_precision(q.dtype), UPCAST=interpreter_upcast(q.dtype))
+    constexprs = dict(BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV), CAUSAL=causal, MASK=mask_kind,
+                      DROPOUT=dropout_p > 0, INPUT_PRECISION=dot_input_precision(q.dtype))
     return mask_t, mask_strides, mask_kind, scalars, constexprs
 
 
@@ -741,32 +402,3 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
             f"tritonops.attention: head dims up to {MAX_HEAD_DIM} are supported, got E={E}, Ev={EV}")
     seed = draw_dropout_seed() if dropout_p > 0 else 0
     return attention_op(query, key, value, attn_mask, dropout_p, bool(is_causal), scale, seed, bool(enable_gqa))[0]
-
-
-# --------------------------------------------------------------------------- the `autotune` command
-
-LLM_SHAPES = [(n, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
-TUNE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _tune_keys(shape: tuple, dtype: str):
-    """The four kernels' keys for q (BH, L, E), k and v (BH, S, E), no mask, no dropout: forward,
-    dK/dV and dQ both non-causal and causal, and the preprocess."""
-    if dtype not in TUNE_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(TUNE_DTYPES)}")
-    L, S, E = shape
-    if E > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {E}: at most {MAX_HEAD_DIM}")
-    dt = getattr(torch, dtype)
-    pairs = []
-    for causal in (False, True):
-        key = attention_key(E, E, L, S, dt, causal)
-        pairs += [(ATTENTION_TUNER, key), (ATTENTION_BWD_DKDV_TUNER, key),
-                  (ATTENTION_BWD_DQ_TUNER, attention_dq_key(E, E, L, S, dt, causal))]
-    return pairs + [(ATTENTION_BWD_PREPROCESS_TUNER, attention_preprocess_key(E, L, dt))]
-
-
-register(TunableOp(
-    "attention", "LxSxE", _tune_keys, {"llm": LLM_SHAPES, "smoke": [(40, 33, 24)]},
-    help="scaled_dot_product_attention, L queries, S keys, head dim E; forward and backward, causal and not "
-         f"(the runner's problem has max({TUNE_MIN_HEADS}, {TUNE_ROWS} // L) batch x heads)"))

@@ -5,88 +5,15 @@ import math
 import torch
 import triton
 
-from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
+from autotune import Config
 
 from .. import reference, runtime
-from ..kernels import common as common_kernels
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
-from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, dot_input_precision, interpreter_upcast,
-                      tuning_device, use_reference)
+from ..tuning.matmul import MATMUL_TUNER, matmul_key
+from ..tuning.rows import epilogue_tile_config
+from ._common import check_same, dot_input_precision, use_reference
 
 ACTIVATIONS = reference.ACTIVATIONS
-
-
-# --------------------------------------------------------------------------- config choice
-
-
-def matmul_heuristic(key: tuple) -> Config:
-    """The default config of a matmul problem key (see `matmul_key`).
-
-    The tile covers up to 128 x 128 outputs, shrunk to the next power of two
-    of a small M or N (decode-like shapes) and never under 16 (the smallest
-    `tl.dot`); BLOCK_K is 64 for 16-bit types, 32 for float32, 16 for float64,
-    which keeps 3 stages well inside Hopper's 227 KB of shared memory;
-    8 warps for a full 128 x 128 tile, 4 otherwise; GROUP_M 8 for L2 reuse.
-    """
-    M, N, K, dtype = key[:4]
-    block_m = min(128, max(16, triton.next_power_of_2(M)))
-    block_n = min(128, max(16, triton.next_power_of_2(N)))
-    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(dtype, 16)
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                  num_warps=num_warps, num_stages=3)
-
-
-def matmul_key(M: int, N: int, K: int, a: torch.Tensor, b: torch.Tensor, epilogue: bool) -> tuple:
-    """(M bucketed, N, K, dtype, A read along K, B read along K, fused epilogue)."""
-    return (bucket(M), N, K, DTYPE_NAMES[a.dtype], a.stride(2) == 1, b.stride(1) == 1, epilogue)
-
-
-def _smem_bytes(config: Config, problem: dict) -> int:
-    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * problem["itemsize"] * config.num_stages
-
-
-def _accumulator_fits(config: Config, problem: dict) -> bool:
-    # fp32 accumulator registers per thread; past ~128 the kernel spills
-    return config["BLOCK_M"] * config["BLOCK_N"] // (32 * config.num_warps) <= 128
-
-
-MATMUL_SPACE = Space(
-    {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256], "BLOCK_K": [16, 32, 64, 128],
-     "GROUP_M": [8]},
-    num_warps=[4, 8], num_stages=[2, 3, 4, 5],
-    smem_bytes=_smem_bytes, block_dims={"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"},
-    dot_params=["BLOCK_M", "BLOCK_N", "BLOCK_K"], constraints=[_accumulator_fits], version=1)
-
-
-def _problem(key: tuple) -> dict:
-    M, N, K, dtype = key[:4]
-    return {"M": M, "N": N, "K": K, "itemsize": getattr(torch, dtype).itemsize}
-
-
-def _runner(key: tuple):
-    """Inputs for `key` on the GPU (or the interpreter's CPU), and a launch into scratch outputs."""
-    M, N, K, dtype, a_kmajor, b_kmajor, epilogue = key
-    device = tuning_device()
-    dt = getattr(torch, dtype)
-    a = torch.randn((M, K) if a_kmajor else (K, M), device=device, dtype=dt)
-    b = torch.randn((N, K) if b_kmajor else (K, N), device=device, dtype=dt) / K ** 0.5
-    a3 = (a if a_kmajor else a.t()).unsqueeze(0)
-    b3 = (b.t() if b_kmajor else b).unsqueeze(0)
-    bias = torch.randn(N, device=device, dtype=dt) if epilogue else None
-    activation = "gelu" if epilogue else None
-    out = torch.empty((1, M, N), device=device, dtype=dt)
-
-    def launch(config: Config):
-        return launch_matmul(a3, b3, bias, activation, out=out, config=config)[0].clone()
-
-    return launch
-
-
-MATMUL_TUNER = register_tuner(Tuner(
-    "matmul", MATMUL_SPACE, matmul_heuristic, runner=_runner, problem=_problem,
-    sources=[_matmul_fwd_kernel, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -108,7 +35,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     z = runtime.new_output((B, M, N), a.dtype, a.device) if store_preact else None
     if c.numel() == 0:
         return c, z
-    cfg = config or MATMUL_TUNER.select(matmul_key(M, N, K, a, b, bias is not None or activation is not None))
+    cfg = config or MATMUL_TUNER.select(matmul_key(a, b, bias is not None or activation is not None))
     meta = cfg.meta
     grid = (B * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_fwd_kernel[grid](
@@ -120,9 +47,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
         HAS_BIAS=bias is not None,
         ACTIVATION=activation or "none",
         STORE_PREACT=store_preact,
-        ACC_DTYPE=acc_dtype(a.dtype),
         INPUT_PRECISION=dot_input_precision(a.dtype),
-        UPCAST=interpreter_upcast(a.dtype),
         **cfg.launch_kwargs(),
     )
     return c, z
@@ -139,19 +64,16 @@ def launch_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor | None, activation: st
     dz = runtime.new_output((R, N), dy.dtype, dy.device) if activation else dy
     if not activation and not bias_grad:
         return dz, None
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
-    block_n = min(128, max(16, triton.next_power_of_2(N)))
-    parts = torch.zeros((triton.cdiv(R, block_r), N), dtype=torch.float64 if dy.dtype == torch.float64
+    cfg = epilogue_tile_config(R, N)
+    parts = torch.zeros((triton.cdiv(R, cfg["BLOCK_R"]), N), dtype=torch.float64 if dy.dtype == torch.float64
                         else torch.float32, device=dy.device)
     if dy.numel():
         zz = z if z is not None else dy
-        grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
+        grid = (triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(N, cfg["BLOCK_N"]))
         _epilogue_bwd_kernel[grid](
             dy, zz, dz, parts, R, N,
             *dy.stride(), *zz.stride(), *dz.stride(),
-            BLOCK_R=block_r, BLOCK_N=block_n,
-            ACTIVATION=activation or "none", HAS_BIAS=bias_grad, ACC_DTYPE=acc_dtype(dy.dtype),
-            UPCAST=interpreter_upcast(dy.dtype), num_warps=4,
+            ACTIVATION=activation or "none", HAS_BIAS=bias_grad, **cfg.launch_kwargs(),
         )
     dbias = parts.sum(0).to(dy.dtype) if bias_grad else None
     return dz, dbias
@@ -371,24 +293,3 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     save_preact = activation is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     return linear_op(input, weight, bias, activation, save_preact)[0]
-
-
-# --------------------------------------------------------------------------- the `autotune` command
-
-LLM_SHAPES = [(m, n, k) for m in (1, 16, 128, 1024, 4096, 8192)
-              for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))]
-
-
-def _tune_keys(layout_b_kmajor: bool, epilogue: bool):
-    def keys(shape: tuple, dtype: str):
-        if dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
-        M, N, K = shape
-        return [(MATMUL_TUNER, (bucket(M), N, K, dtype, True, layout_b_kmajor, epilogue))]
-    return keys
-
-
-register(TunableOp("matmul", "MxNxK", _tune_keys(False, False), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
-                   help="C = A @ B, A (M, K) and B (K, N) row-major"))
-register(TunableOp("linear", "MxNxK", _tune_keys(True, False), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
-                   help="F.linear: x (M, K) @ weight (N, K)^T"))

@@ -7,122 +7,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
+from autotune import Config
 
-from .. import reference, runtime
-from ..kernels import common as common_kernels
-from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel, _rstd
-from ._common import (DTYPE_NAMES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast, tuning_device,
-                      use_reference)
-from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, LOOP_BLOCK_N, ONE_PASS_MAX, ROW_BLOCKS, ROW_STAGES,
-                    ROW_WARPS, SHORT_ROW_TILE, row_num_warps, row_tile_rules)
-
-# --------------------------------------------------------------------------- config choice
-
-
-def _norm_tile(n_cols: int, n_rows: int, itemsize: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): the whole row (next_pow2, at least 16) while it fits one tile,
-    else LOOP_BLOCK_N chunks; short rows stacked up to SHORT_ROW_TILE elements a program."""
-    one_pass_max = ONE_PASS_MAX[itemsize]
-    if n_cols > one_pass_max:
-        return 1, LOOP_BLOCK_N
-    block_n = max(16, triton.next_power_of_2(n_cols))
-    return max(1, min(SHORT_ROW_TILE // block_n, triton.next_power_of_2(max(n_rows, 1)))), block_n
-
-
-def norm_key(n_cols: int, n_rows: int, dtype: torch.dtype, rms: bool, has_weight: bool) -> tuple:
-    """(N bucketed, rows bucketed, dtype, rms_norm, has a weight): the forward's key."""
-    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], rms, has_weight)
-
-
-def norm_bwd_key(n_cols: int, n_rows: int, dtype: torch.dtype, rms: bool, has_weight: bool,
-                 param_grads: bool) -> tuple:
-    """norm_key + whether weight / bias gradients are reduced (the part buffers and
-    the persistent grid's height then matter)."""
-    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], rms, has_weight, param_grads)
-
-
-def norm_heuristic(key: tuple) -> Config:
-    """The default config of _norm_fwd_kernel (layer_norm and rms_norm) for a norm_key:
-    _norm_tile's tile, warps growing with it (4, 8 from 2048 elements, 16 from 8192),
-    2 stages where it loops."""
-    n_cols, n_rows, dtype = key[:3]
-    block_m, block_n = _norm_tile(n_cols, n_rows, ITEMSIZE[dtype])
-    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=row_num_warps(block_m * block_n),
-                  num_stages=2 if n_cols > block_n else 1)
-
-
-def norm_bwd_heuristic(key: tuple) -> Config:
-    """The default config of _norm_bwd_kernel: the forward's tile, and PROGRAMS_PER_SM = 2,
-    which sets the persistent grid (min(row blocks, PROGRAMS_PER_SM x SMs) programs), hence
-    the height of the fp32 weight/bias partial-sum buffers the second stage reduces."""
-    return norm_heuristic(key).replace(PROGRAMS_PER_SM=2)
-
-
-def _problem(key: tuple) -> dict:
-    n_cols, n_rows, dtype = key[:3]
-    return {"N": n_cols, "ROWS": n_rows, "itemsize": ITEMSIZE[dtype],
-            "sms": runtime.device_properties()["multiprocessor_count"]}
-
-
-def _grid_changes(config: Config, problem: dict) -> bool:
-    """PROGRAMS_PER_SM past the default 2 only where it still adds programs (row blocks to share out)."""
-    if config["PROGRAMS_PER_SM"] <= 2 or "ROWS" not in problem:
-        return True
-    return triton.cdiv(problem["ROWS"], config["BLOCK_M"]) > config["PROGRAMS_PER_SM"] // 2 * problem["sms"]
-
-
-NORM_SPACE = Space(
-    {"BLOCK_M": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
-    block_dims={"BLOCK_M": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules("BLOCK_M"), version=1)
-
-NORM_BWD_SPACE = Space(
-    {"BLOCK_M": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS, "PROGRAMS_PER_SM": [1, 2, 4, 8]},
-    num_warps=ROW_WARPS, num_stages=ROW_STAGES, block_dims={"BLOCK_M": "ROWS", "BLOCK_N": "N"},
-    constraints=[*row_tile_rules("BLOCK_M"), _grid_changes], version=1)
-
-
-def _inputs(key: tuple):
-    """x (rows, N), and weight / bias (N,) as the key has them (a bias only for layer_norm)."""
-    n_cols, n_rows, dtype, rms, has_weight = key[:5]
-    device = tuning_device()
-    dt = getattr(torch, dtype)
-    x = torch.randn((n_rows, n_cols), device=device, dtype=dt) * 2 + 0.5
-    w = torch.randn(n_cols, device=device, dtype=dt) if has_weight else None
-    b = torch.randn(n_cols, device=device, dtype=dt) if has_weight and not rms else None
-    return x, w, b
-
-
-def _runner(key: tuple):
-    """A launch of the forward kernel on inputs built for `key`, into fresh outputs."""
-    x, w, b = _inputs(key)
-    rms = key[3]
-    return lambda config: tuple(t for t in launch_norm_fwd(x, w, b, 1e-5, rms, config=config) if t is not None)
-
-
-def _bwd_runner(key: tuple):
-    """A launch of the backward kernel on the forward's statistics and a random dy;
-    returns dx and, when the key asks for them, the weight / bias gradients."""
-    x, w, b = _inputs(key)
-    rms, param_grads = key[3], key[5]
-    _, mean, rstd = launch_norm_fwd(x, w, b, 1e-5, rms)
-    dy = torch.randn_like(x)
-    weight_grad, bias_grad = param_grads and w is not None, param_grads and not rms
-
-    def launch(config: Config):
-        outs = launch_norm_bwd(dy, x, w, mean, rstd, weight_grad, bias_grad, config=config)
-        return tuple(t for t in outs if t is not None)
-
-    return launch
-
-
-NORM_TUNER = register_tuner(Tuner(
-    "norm", NORM_SPACE, norm_heuristic, runner=_runner, problem=_problem,
-    sources=[_norm_fwd_kernel, _rstd, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
-
-NORM_BWD_TUNER = register_tuner(Tuner(
-    "norm_bwd", NORM_BWD_SPACE, norm_bwd_heuristic, runner=_bwd_runner, problem=_problem,
-    sources=[_norm_bwd_kernel, common_kernels], shipped=SHIPPED_CONFIGS, check=reference.configs_agree))
+from .. import runtime
+from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel
+from ..tuning.norm import NORM_BWD_TUNER, NORM_TUNER, norm_bwd_key, norm_key
+from ._common import check_same, use_reference
 
 
 # --------------------------------------------------------------------------- launchers
@@ -154,7 +44,7 @@ def launch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     if y.numel() == 0:
         return y, mean, rstd
     cfg = config or NORM_TUNER.select(norm_key(N, M, x.dtype, rms, weight is not None))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    grid = (triton.cdiv(M, cfg["BLOCK_R"]),)
     _norm_fwd_kernel[grid](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
         mean if mean is not None else rstd, rstd,
@@ -162,7 +52,6 @@ def launch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
         *x.stride(), *y.stride(),
         weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         ONE_PASS=N <= cfg["BLOCK_N"], RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC_DTYPE=acc_dtype(x.dtype), UPCAST=interpreter_upcast(x.dtype),
         **cfg.launch_kwargs(),
     )
     return y, mean, rstd
@@ -181,11 +70,9 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     acc = rstd.dtype
     cfg = config or NORM_BWD_TUNER.select(
         norm_bwd_key(N, M, x.dtype, mean is None, weight is not None, weight_grad or bias_grad))
-    meta = cfg.launch_kwargs()
-    programs_per_sm = meta.pop("PROGRAMS_PER_SM")
     one_pass = N <= cfg["BLOCK_N"]
-    programs = min(triton.cdiv(M, cfg["BLOCK_M"]),
-                   programs_per_sm * runtime.device_properties()["multiprocessor_count"]) if dx.numel() else 0
+    programs = min(triton.cdiv(M, cfg["BLOCK_R"]),
+                   cfg["PROGRAMS_PER_SM"] * runtime.device_properties()["multiprocessor_count"]) if dx.numel() else 0
     # A one-pass program writes its whole part row; a looped one adds into it, so starts from zeros.
     new_part = (lambda: runtime.new_output((programs, N), acc, x.device)) if one_pass else (
         lambda: torch.zeros((programs, N), dtype=acc, device=x.device))
@@ -197,9 +84,7 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
             dw_part if dw_part is not None else rstd, db_part if db_part is not None else rstd,
             M, N, *x.stride(), *dy.stride(), *dx.stride(), weight.stride(0) if weight is not None else 0,
             ONE_PASS=one_pass, RMS=mean is None, HAS_WEIGHT=weight is not None,
-            WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad,
-            ACC_DTYPE=acc_dtype(x.dtype), UPCAST=interpreter_upcast(x.dtype),
-            **meta,
+            WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, **cfg.launch_kwargs(),
         )
     dw = dw_part.sum(0).to(x.dtype) if weight_grad else None
     db = db_part.sum(0).to(x.dtype) if bias_grad else None
@@ -378,24 +263,3 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     if eps is None:
         eps = torch.finfo(_stats_dtype(input.dtype)).eps
     return rms_norm_op(input, list(shape), weight, float(eps))[0]
-
-
-# --------------------------------------------------------------------------- the `autotune` command
-
-
-
-def _tune_keys(rms: bool):
-    def keys(shape: tuple, dtype: str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        rows, cols = shape
-        dt = getattr(torch, dtype)
-        return [(NORM_TUNER, norm_key(cols, rows, dt, rms, True)),
-                (NORM_BWD_TUNER, norm_bwd_key(cols, rows, dt, rms, True, True))]
-    return keys
-
-
-register(TunableOp("layer_norm", "ROWSxCOLS", _tune_keys(False), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
-                   help="layer_norm of (ROWS, COLS) over COLS with weight and bias, forward and backward"))
-register(TunableOp("rms_norm", "ROWSxCOLS", _tune_keys(True), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
-                   help="rms_norm of (ROWS, COLS) over COLS with a weight, forward and backward"))

@@ -6,82 +6,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
+from autotune import Config
 
-from .. import reference, runtime
-from ..kernels import common as common_kernels
-from ..kernels.softmax import _row_offsets, _softmax_bwd_kernel, _softmax_fwd_kernel
-from ._common import (DTYPE_NAMES, FLOAT_DTYPES, SHIPPED_CONFIGS, acc_dtype, check_same, interpreter_upcast,
-                      tuning_device, use_reference)
-from ._rows import (COL_BLOCKS, DTYPES, ITEMSIZE, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS,
-                    row_tile_config, row_tile_rules)
-
-# --------------------------------------------------------------------------- config choice
-
-def softmax_key(n_cols: int, n_rows: int, dtype: torch.dtype, strided: bool, log: bool) -> tuple:
-    """(N bucketed, rows bucketed, output dtype, reduced dim not unit-stride, log_softmax).
-
-    Bucketing loses nothing the heuristic uses: a power-of-two BLOCK_N covers N exactly
-    when it covers next_pow2(N), so one pass or a loop is decided by the key alone."""
-    return (bucket(n_cols), bucket(n_rows), DTYPE_NAMES[dtype], strided, log)
-
-
-def softmax_heuristic(key: tuple) -> Config:
-    """The default config of _softmax_fwd_kernel for a softmax_key: row_tile_config."""
-    n_cols, n_rows, dtype, strided = key[:4]
-    return row_tile_config(n_cols, n_rows, ITEMSIZE[dtype], strided)
-
-
-def softmax_bwd_heuristic(key: tuple) -> Config:
-    """The default config of _softmax_bwd_kernel: the forward's (two tiles live, y and dy,
-    which 16K elements over 16 warps still hold in registers)."""
-    return softmax_heuristic(key)
-
-
-def _problem(key: tuple) -> dict:
-    n_cols, n_rows, dtype = key[:3]
-    return {"N": n_cols, "ROWS": n_rows, "itemsize": ITEMSIZE[dtype]}
-
-
-
-SOFTMAX_SPACE = Space(
-    {"BLOCK_R": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
-    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules("BLOCK_R"), version=1)
-
-
-def _inputs(key: tuple):
-    """x for a softmax_key, read over dim 1: (rows, N), or (1, N, rows) when strided."""
-    n_cols, n_rows, dtype, strided = key[:4]
-    dt = getattr(torch, dtype)
-    shape = (1, n_cols, n_rows) if strided else (n_rows, n_cols)
-    return torch.randn(shape, device=tuning_device(), dtype=dt) * 3, dt
-
-
-def _runner(key: tuple):
-    """A launch of the forward kernel, on inputs built for `key`, into a fresh output."""
-    x, dt = _inputs(key)
-    log = key[4]
-    return lambda config: launch_softmax_fwd(x, 1, log, dt, config=config)
-
-
-def _bwd_runner(key: tuple):
-    """A launch of the backward kernel on y (the forward's output) and a random dy."""
-    x, dt = _inputs(key)
-    log = key[4]
-    y = launch_softmax_fwd(x, 1, log, dt)
-    dy = torch.randn_like(y)
-    return lambda config: launch_softmax_bwd(y, dy, 1, log, dt, config=config)
-
-
-SOFTMAX_TUNER = register_tuner(Tuner(
-    "softmax", SOFTMAX_SPACE, softmax_heuristic, runner=_runner, problem=_problem,
-    sources=[_softmax_fwd_kernel, _row_offsets, common_kernels], shipped=SHIPPED_CONFIGS,
-    check=reference.configs_agree))
-
-SOFTMAX_BWD_TUNER = register_tuner(Tuner(
-    "softmax_bwd", SOFTMAX_SPACE, softmax_bwd_heuristic, runner=_bwd_runner, problem=_problem,
-    sources=[_softmax_bwd_kernel, _row_offsets, common_kernels], shipped=SHIPPED_CONFIGS,
-    check=reference.configs_agree))
+from .. import runtime
+from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
+from ..tuning.softmax import SOFTMAX_BWD_TUNER, SOFTMAX_TUNER, softmax_key
+from ._common import FLOAT_DTYPES, check_same, use_reference
 
 
 # --------------------------------------------------------------------------- layout
@@ -153,9 +83,7 @@ def launch_softmax_fwd(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dt
     grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _softmax_fwd_kernel[grid](
         x, y, n_rows, n, inner, *x_strides, *_as_3d(y, dim)[1],
-        ONE_PASS=n <= cfg["BLOCK_N"], LOG=log, ACC_DTYPE=acc_dtype(out_dtype),
-        UPCAST=interpreter_upcast(x.dtype) or interpreter_upcast(out_dtype),
-        **cfg.launch_kwargs(),
+        ONE_PASS=n <= cfg["BLOCK_N"], LOG=log, **cfg.launch_kwargs(),
     )
     return y
 
@@ -173,9 +101,7 @@ def launch_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool, x
     grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _softmax_bwd_kernel[grid](
         y, dy, dx, n_rows, n, inner, *y_strides, *dy_strides, *_as_3d(dx, dim)[1],
-        ONE_PASS=n <= cfg["BLOCK_N"], LOG=log, ACC_DTYPE=acc_dtype(y.dtype),
-        UPCAST=interpreter_upcast(x_dtype) or interpreter_upcast(y.dtype),
-        **cfg.launch_kwargs(),
+        ONE_PASS=n <= cfg["BLOCK_N"], LOG=log, **cfg.launch_kwargs(),
     )
     return dx
 
@@ -297,23 +223,3 @@ def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> 
 def log_softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.log_softmax on a Triton kernel; as softmax."""
     return _softmax("log_softmax", input, dim, dtype, log=True)
-
-
-# --------------------------------------------------------------------------- the `autotune` command
-
-
-
-def _tune_keys(log: bool):
-    def keys(shape: tuple, dtype: str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        rows, cols = shape
-        key = softmax_key(cols, rows, getattr(torch, dtype), False, log)
-        return [(SOFTMAX_TUNER, key), (SOFTMAX_BWD_TUNER, key)]
-    return keys
-
-
-register(TunableOp("softmax", "ROWSxCOLS", _tune_keys(False), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
-                   help="softmax over the last dim of (ROWS, COLS), forward and backward"))
-register(TunableOp("log_softmax", "ROWSxCOLS", _tune_keys(True), {"llm": LLM_ROWS_COLS, "smoke": [(33, 100)]},
-                   help="log_softmax over the last dim of (ROWS, COLS), forward and backward"))

@@ -1,18 +1,15 @@
-"""Tiles of the row-wise reductions (softmax, layer_norm, rms_norm): the heuristic, the
-search-space values and rules they share, and the rows x columns shapes they are tuned on."""
+"""The one row-tiling rule: tiles of BLOCK_R rows x BLOCK_N columns for the row-wise
+reductions (softmax, layer_norm, rms_norm) and the linear epilogue's backward; the heuristic,
+the search-space values and rules they share, and the rows x columns shapes they are tuned on."""
 
-import torch
 import triton
 
 from autotune import Config
-
-from ._common import DTYPE_NAMES
 
 ONE_PASS_MAX = {2: 16384, 4: 16384, 8: 8192}  # most elements of one row held in one tile, by itemsize
 LOOP_BLOCK_N = 4096  # chunk of a longer row, swept twice (online softmax)
 SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
 STRIDED_ROWS = 32  # rows per program when the reduced dim is not the unit-stride one
-ITEMSIZE = {name: getattr(torch, name).itemsize for name in DTYPE_NAMES.values()}
 
 
 def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool) -> Config:
@@ -48,14 +45,27 @@ def row_num_warps(tile: int) -> int:
     return 4 if tile < 2048 else 8 if tile < 8192 else 16 if tile < 32768 else 32
 
 
-def row_tile_rules(rows_param: str):
-    """Constraints every row-reduction space shares, for a tile of `rows_param` x BLOCK_N."""
+def epilogue_tile_config(n_rows: int, n_cols: int) -> Config:
+    """BLOCK_R x BLOCK_N tile of the linear epilogue's backward (dz = dy * act'(z), and the
+    bias gradient's per-program column sums), over a 2-D grid of tiles.
+
+    Not row_tile_config's whole-row tile: the bias gradient is reduced in two stages through
+    a (cdiv(R, BLOCK_R), N) buffer of column sums, so tiles are tall (up to 64 rows) to keep
+    that buffer small, and narrow (up to 128 columns) so the grid still has many programs.
+    """
+    block_r = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_n = min(128, max(16, triton.next_power_of_2(n_cols)))
+    return Config({"BLOCK_R": block_r, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+
+
+def row_tile_rules():
+    """Constraints every row-reduction space shares, for a tile of BLOCK_R x BLOCK_N."""
 
     def fits(config: Config, problem: dict) -> bool:
         """A tile the kernel holds in registers: at most 64 fp32 (32 fp64) accumulator
         values a thread, BLOCK_N within one tile's budget (16K, 8K for float64)."""
         itemsize = problem.get("itemsize", 4)
-        tile = config[rows_param] * config["BLOCK_N"]
+        tile = config["BLOCK_R"] * config["BLOCK_N"]
         acc_bytes = 8 if itemsize == 8 else 4
         return (16 <= config["BLOCK_N"] <= ONE_PASS_MAX[itemsize]
                 and tile * acc_bytes <= 256 * 32 * config.num_warps)
@@ -63,8 +73,8 @@ def row_tile_rules(rows_param: str):
     def useful(config: Config, problem: dict) -> bool:
         """No block past the rows there are; no warp without a row element (small tiles
         may still take 4 warps); pipeline stages only where BLOCK_N loops over a row."""
-        tile = config[rows_param] * config["BLOCK_N"]
-        if "ROWS" in problem and config[rows_param] > triton.next_power_of_2(max(problem["ROWS"], 1)):
+        tile = config["BLOCK_R"] * config["BLOCK_N"]
+        if "ROWS" in problem and config["BLOCK_R"] > triton.next_power_of_2(max(problem["ROWS"], 1)):
             return False
         if 32 * config.num_warps > max(128, tile):
             return False
@@ -81,4 +91,4 @@ ROW_STAGES = [1, 2, 3]
 
 
 LLM_ROWS_COLS = [(4096, n) for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]
-DTYPES = ("float16", "bfloat16", "float32", "float64")
+TUNE_DTYPES = ("float16", "bfloat16", "float32", "float64")  # what `autotune tune` accepts for row ops

@@ -1,0 +1,139 @@
+"""Config choice of the matmul kernel (matmul, linear and their backward): the key, the
+heuristic default, the search space, the tuning runner, the Tuner and the `autotune` ops."""
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
+
+from ..kernels.matmul import _matmul_fwd_kernel
+from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, dtype_name, tuning_device
+
+
+class MatmulKey(NamedTuple):
+    """A problem of the matmul kernel: C (M, N) = A (M, K) @ B (K, N), per batch."""
+
+    M: int  # bucketed: rows vary with batch x sequence
+    N: int
+    K: int
+    dtype: str
+    a_kmajor: bool  # A read along K (unit stride on K)
+    b_kmajor: bool  # B read along K
+    epilogue: bool  # bias and/or activation fused
+
+
+def matmul_key(a: torch.Tensor, b: torch.Tensor, epilogue: bool) -> MatmulKey:
+    """The key of a launch on a (B, M, K) and b (B, K, N), as `launch_matmul` gets them."""
+    _, M, K = a.shape
+    return MatmulKey(bucket(M), b.shape[2], K, dtype_name(a.dtype), a.stride(2) == 1, b.stride(1) == 1,
+                     bool(epilogue))
+
+
+def matmul_heuristic(key: MatmulKey) -> Config:
+    """The default config of a matmul problem key.
+
+    The tile covers up to 128 x 128 outputs, shrunk to the next power of two
+    of a small M or N (decode-like shapes) and never under 16 (the smallest
+    `tl.dot`); BLOCK_K is 64 for 16-bit types, 32 for float32, 16 for float64,
+    which keeps 3 stages well inside Hopper's 227 KB of shared memory;
+    8 warps for a full 128 x 128 tile, 4 otherwise; GROUP_M 8 for L2 reuse.
+    """
+    block_m = min(128, max(16, triton.next_power_of_2(key.M)))
+    block_n = min(128, max(16, triton.next_power_of_2(key.N)))
+    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
+    block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                  num_warps=num_warps, num_stages=3)
+
+
+def _smem_bytes(config: Config, problem: dict) -> int:
+    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * problem["itemsize"] * config.num_stages
+
+
+def _accumulator_fits(config: Config, problem: dict) -> bool:
+    """fp32 accumulator registers per thread; past ~128 the kernel spills."""
+    return config["BLOCK_M"] * config["BLOCK_N"] // (32 * config.num_warps) <= 128
+
+
+MATMUL_SPACE = Space(
+    {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256], "BLOCK_K": [16, 32, 64, 128],
+     "GROUP_M": [8]},
+    num_warps=[4, 8], num_stages=[2, 3, 4, 5],
+    smem_bytes=_smem_bytes, block_dims={"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"},
+    dot_params=["BLOCK_M", "BLOCK_N", "BLOCK_K"], constraints=[_accumulator_fits], version=1)
+
+
+def _problem(key: MatmulKey) -> dict:
+    return {"M": key.M, "N": key.N, "K": key.K, "itemsize": ITEMSIZE[key.dtype]}
+
+
+def _runner(key: MatmulKey):
+    """Inputs for `key` on the GPU (or the interpreter's CPU), and a launch into scratch outputs."""
+    from ..ops.matmul import launch_matmul  # the ops import this module for the Tuner
+
+    M, N, K = key.M, key.N, key.K
+    device = tuning_device()
+    dt = getattr(torch, key.dtype)
+    a = torch.randn((M, K) if key.a_kmajor else (K, M), device=device, dtype=dt)
+    b = torch.randn((N, K) if key.b_kmajor else (K, N), device=device, dtype=dt) / K ** 0.5
+    a3 = (a if key.a_kmajor else a.t()).unsqueeze(0)
+    b3 = (b.t() if key.b_kmajor else b).unsqueeze(0)
+    bias = torch.randn(N, device=device, dtype=dt) if key.epilogue else None
+    activation = "gelu" if key.epilogue else None
+    out = torch.empty((1, M, N), device=device, dtype=dt)
+
+    def launch(config: Config):
+        return launch_matmul(a3, b3, bias, activation, out=out, config=config)[0].clone()
+
+    return launch
+
+
+MATMUL_TUNER = register_tuner(Tuner(
+    "matmul", MATMUL_SPACE, matmul_heuristic, runner=_runner, problem=_problem, key_type=MatmulKey,
+    sources=[_matmul_fwd_kernel], shipped=SHIPPED_CONFIGS))
+
+
+# --------------------------------------------------------------------------- the `autotune` command
+# The keys a call selects, found by running the ops' own key functions on meta tensors laid
+# out as the ops lay out their operands: what is tuned ahead of time is what a call looks up.
+
+LLM_SHAPES = [(m, n, k) for m in (1, 16, 128, 1024, 4096, 8192)
+              for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))]
+TUNE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _meta(*shape, dtype: str) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
+
+
+def matmul_call_keys(M: int, N: int, K: int, dtype: str) -> list[MatmulKey]:
+    """The keys of torch.matmul's forward and backward on row-major A (M, K) and B (K, N)."""
+    a, b, g = _meta(M, K, dtype=dtype), _meta(K, N, dtype=dtype), _meta(M, N, dtype=dtype)
+    return [matmul_key(a[None], b[None], False),  # C = A @ B
+            matmul_key(g[None], b.mT[None], False),  # dA = dC @ B^T
+            matmul_key(a.mT[None], g[None], False)]  # dB = A^T @ dC
+
+
+def linear_call_keys(M: int, N: int, K: int, dtype: str) -> list[MatmulKey]:
+    """The keys of F.linear with a bias and an activation, forward and backward, on x (M, K)
+    and weight (N, K): the forward fuses the epilogue; dX = dZ @ W, dW = dZ^T @ X."""
+    x, w, dz = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(M, N, dtype=dtype)
+    return [matmul_key(x[None], w.t()[None], True),
+            matmul_key(dz[None], w[None], False),
+            matmul_key(dz.t()[None], x[None], False)]
+
+
+def _tune_keys(call_keys):
+    def keys(shape: tuple, dtype: str):
+        check_dtype(dtype, TUNE_DTYPES)
+        return [(MATMUL_TUNER, key) for key in dict.fromkeys(call_keys(*shape, dtype))]
+    return keys
+
+
+register(TunableOp("matmul", "MxNxK", _tune_keys(matmul_call_keys), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
+                   help="C = A @ B, A (M, K) and B (K, N) row-major, forward and backward"))
+register(TunableOp("linear", "MxNxK", _tune_keys(linear_call_keys), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
+                   help="F.linear with a bias and an activation: x (M, K) @ weight (N, K)^T, forward and backward"))
