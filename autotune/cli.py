@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -160,13 +161,13 @@ def _print_table(rows) -> None:
     print(f"\n{'kernel':14s} {'key':44s} {'winner':52s} {'ms':>9s} {'vs default':>10s} {'evals':>5s}")
     for kernel, key, entry in rows:
         if entry is None:
-            print(f"{kernel:14s} {str(key):44s} {'(no config ran)':52s}")
+            print(f"{kernel:14s} {str(tuple(key)):44s} {'(no config ran)':52s}")
             continue
         win = _config_text(entry["winner"])
         ms = entry["timing"]["p50"]
         dflt = entry.get("default", {}).get("timing", {}).get("p50")
         speedup = f"{dflt / ms:9.2f}x" if dflt and ms else "      n/a"
-        print(f"{kernel:14s} {str(key):44s} {win:52s} {ms:9.4f} {speedup:>10s} "
+        print(f"{kernel:14s} {str(tuple(key)):44s} {win:52s} {ms:9.4f} {speedup:>10s} "
               f"{entry['provenance'].get('evaluations', 0):5d}")
 
 
@@ -262,7 +263,7 @@ def build_parser(registry) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _prepare_backend()
     from .cache import CacheDir
-    from .registry import REGISTRY, load_plugins
+    from .registry import REGISTRY, load_plugins, override
 
     failed = load_plugins()
     for f in failed:
@@ -270,13 +271,16 @@ def main(argv=None) -> int:
     args = build_parser(REGISTRY).parse_args(argv)
     if not args.cache_dir:
         return _run(args, CacheDir())
-    # The AUTOTUNE_ variable wins over every alias, and worker processes inherit it; it is
-    # set for this command only, so a program that calls main() keeps its own setting.
+    # For this command only, so a program that calls main() keeps its own setting: every
+    # registered tuner uses the directory (and forgets, after, what it tuned into it), and the
+    # AUTOTUNE_ variable, which wins over every alias, names it to worker processes.
+    cache_dir = Path(args.cache_dir).expanduser()
     variable = settings.variable("cache_dir")
     before = os.environ.get(variable)
-    os.environ[variable] = args.cache_dir
+    os.environ[variable] = str(cache_dir)
     try:
-        return _run(args, CacheDir(args.cache_dir))
+        with override(cache_dir=cache_dir):
+            return _run(args, CacheDir(cache_dir))
     finally:
         if before is None:
             os.environ.pop(variable, None)

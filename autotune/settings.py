@@ -58,7 +58,8 @@ def alias(name: str, env_var: str) -> None:
 
 def set_default(name: str, value: str | os.PathLike | None) -> None:
     """The value of setting `name` when none of its variables is set (None: autotune's own)."""
-    _defaults[_known(name)] = os.fspath(value) if value is not None else _BUILTIN_DEFAULTS[name]
+    name = _known(name)
+    _defaults[name] = os.fspath(value) if value is not None else _BUILTIN_DEFAULTS[name]
 
 
 def default(name: str) -> str | None:

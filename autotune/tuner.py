@@ -217,8 +217,9 @@ def _jit_closure(roots: Sequence[types.FunctionType], jit_types: tuple[type, ...
 
 def _constexpr_globals(fns: Sequence[types.FunctionType]) -> list[str]:
     """'name=value' for each constexpr global the functions' code names: its value is part of
-    the kernel Triton compiles, though not of the functions' source. Names only, no module
-    names, so moving code between modules alone keeps the hash."""
+    the kernel Triton compiles, though not of the functions' source. Named as the code names
+    them (`NAME`, or `module.NAME` through a module attribute), never by the module's own
+    name or path, so the hash is the same on every machine."""
     out: dict[str, None] = {}
     for fn in fns:
         for name, value in _referenced(fn):
@@ -329,7 +330,7 @@ class Tuner:
     runner:   key -> launch, where launch(config) runs the kernel once on inputs built for
               `key`, writing into scratch outputs, and returns the outputs. Needed to tune.
     problem:  key -> {dim name: size} for Space pruning (optional).
-    key_type: the class of the keys (a NamedTuple, say): every key that reaches the tuner,
+    key_type: the class of the keys, a tuple type (a NamedTuple): every key that reaches the tuner,
               from a caller, a trace or another rank, is made one (`make_key`), so
               `default`, `runner` and `problem` may read its fields by name. None: plain tuples.
     sources:  what identifies the kernel's code (functions, kernels, modules, strings):
@@ -358,6 +359,8 @@ class Tuner:
         self.default = default
         self.runner = runner
         self.problem = problem
+        if key_type is not None and not issubclass(key_type, tuple):
+            raise TypeError(f"autotune: key_type must be a tuple type (a NamedTuple), got {key_type!r}")
         self.key_type = key_type
         self.identity = f"{name}-{source_hash(*sources) if sources else 'nosource'}-v{space.version}"
         self.shipped = [Path(p) for p in shipped]
@@ -534,6 +537,7 @@ class Tuner:
         return GPUTimer() if _device.gpu_available() else WallClockTimer()
 
     def candidates(self, key: tuple) -> list[Config]:
+        key = self.make_key(key)
         problem = self.problem(key) if self.problem else None
         configs = self.space.configs(problem, _device.device_properties())
         default = self.default(key)

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from .backend import prepare_backend
+
 WITHIN = 0.02
 RANDOM_SEEDS = 20
 
@@ -164,10 +166,6 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, help="with --measure: time this many configs per shape (random)")
     parser.add_argument("--out", help="replay results JSON (perf.report draws its 'replay' section)")
     args = parser.parse_args(argv)
-    # imported here, not at the top: the replay functions stay importable from a file loaded
-    # outside the package (tests/test_autotune.py loads perf/replay.py that way)
-    from .backend import prepare_backend
-
     gpu = prepare_backend()
     if args.measure:
         if not gpu:

@@ -16,7 +16,7 @@ import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITONOPS_AUTOTUNE"] = "off"  # the heuristic defaults: what users get untuned
+os.environ["AUTOTUNE_MODE"] = "off"  # the heuristic defaults: what users get untuned (wins over TRITONOPS_AUTOTUNE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402

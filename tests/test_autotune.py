@@ -452,7 +452,7 @@ def test_trace_records_each_new_key_once(tmp_path, monkeypatch):
     assert lines == [{"kernel": "synthetic", "key": [1]}, {"kernel": "synthetic", "key": [2]}]
 
 
-def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys):
+def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys, device):
     import tritonops
     from autotune import cli
     from tritonops.ops.matmul import MATMUL_TUNER
@@ -460,12 +460,9 @@ def test_cli_tunes_exactly_the_keys_of_a_trace(tmp_path, monkeypatch, capsys):
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("AUTOTUNE_RECORD", str(trace))
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    MATMUL_TUNER.reset()
-    try:
-        tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))
-        tritonops.matmul(torch.randn(9, 20), torch.randn(20, 6))  # the same key: recorded once
-    finally:
-        MATMUL_TUNER.reset()
+    with MATMUL_TUNER.override(mode="off"):  # a fresh memory, and no tuning at first use on a GPU
+        tritonops.matmul(torch.randn(9, 20, device=device), torch.randn(20, 6, device=device))
+        tritonops.matmul(torch.randn(9, 20, device=device), torch.randn(20, 6, device=device))  # recorded once
     monkeypatch.delenv("AUTOTUNE_RECORD")
     recorded = [json.loads(line) for line in trace.read_text().splitlines()]
     assert recorded == [{"kernel": "matmul", "key": [16, 6, 20, "float32", True, False, False]}]

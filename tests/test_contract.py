@@ -182,6 +182,7 @@ def _tuned_matmul(device):
 def _tuned_linear(device):
     x, w, b = (randn(*s, device=device, grad=True) for s in ((9, 20), (17, 20), (17,)))
     tritonops.linear(x, w, b, activation="gelu").backward(randn(9, 17, device=device))
+    tritonops.linear(x, w).backward(randn(9, 17, device=device))  # no epilogue: the other forward key
 
 
 MATMUL = Op(
@@ -217,7 +218,8 @@ LINEAR = Op(
                                                       (True, True, True)])],
     tuners=(matmul_tuning.MATMUL_TUNER,),
     spaces=[_matmul_spaces("bias_gelu", epilogue=True)],
-    tune=Tune("9x17x20", {"matmul": ['[16, 17, 20, "float32", true, true, true]',
+    tune=Tune("9x17x20", {"matmul": ['[16, 17, 20, "float32", true, true, false]',
+                                     '[16, 17, 20, "float32", true, true, true]',
                                      '[16, 20, 17, "float32", true, false, false]',
                                      '[32, 20, 9, "float32", false, false, false]']}, _tuned_linear),
 )
@@ -658,7 +660,7 @@ def test_autotune_command_round_trip(tmp_path, monkeypatch, capsys, device, row)
     """`autotune tune` stores a winner per key, `show --json` lists those keys, and the op,
     reading the cache through tritonops' own variables, selects the stored winners."""
     cache = str(tmp_path)
-    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", cache)  # the command sets it for its workers: undone after the test
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", cache)
     with autotune.override(mode="off"):  # a fresh memory; the winners timed by the interpreter forgotten after
         assert cli.main(["--cache-dir", cache, "tune", row.name, "--shapes", row.tune.shape, "--dtype", "float32",
                          "--budget", "2", "--quiet"]) == 0

@@ -16,30 +16,37 @@ from autotune import cli
 from autotune.cache import CacheDir, decode_key
 
 
-def _matmul(M, N, K):
-    a, b = torch.randn(M, K), torch.randn(K, N)
+def _randn(*shape, device):
+    return torch.randn(shape, device=device)
+
+
+def _matmul(M, N, K, device):
+    a, b = _randn(M, K, device=device), _randn(K, N, device=device)
     return [lambda: tritonops.matmul(a.requires_grad_(), b.requires_grad_())]
 
 
-def _linear(M, N, K):
-    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-    return [lambda: tritonops.linear(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), activation="gelu")]
+def _linear(M, N, K, device):
+    """With a bias and an activation (the fused epilogue), and without either (a bias-free
+    projection): the command tunes both forward keys."""
+    x, w, b = _randn(M, K, device=device), _randn(N, K, device=device), _randn(N, device=device)
+    return [lambda: tritonops.linear(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), activation="gelu"),
+            lambda: tritonops.linear(x.requires_grad_(), w.requires_grad_())]
 
 
-def _rows(fn, rows, cols):
-    x = torch.randn(rows, cols)
+def _rows(fn, rows, cols, device):
+    x = _randn(rows, cols, device=device)
     return [lambda: fn(x.requires_grad_(), -1)]
 
 
-def _norm(rms, rows, cols):
-    x, w, b = torch.randn(rows, cols), torch.randn(cols), torch.randn(cols)
+def _norm(rms, rows, cols, device):
+    x, w, b = _randn(rows, cols, device=device), _randn(cols, device=device), _randn(cols, device=device)
     if rms:
         return [lambda: tritonops.rms_norm(x.requires_grad_(), (cols,), w.requires_grad_())]
     return [lambda: tritonops.layer_norm(x.requires_grad_(), (cols,), w.requires_grad_(), b.requires_grad_())]
 
 
-def _attention(L, S, E):
-    q, k, v = torch.randn(1, 2, L, E), torch.randn(1, 2, S, E), torch.randn(1, 2, S, E)
+def _attention(L, S, E, device):
+    q, k, v = _randn(1, 2, L, E, device=device), _randn(1, 2, S, E, device=device), _randn(1, 2, S, E, device=device)
     return [lambda causal=causal: tritonops.attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
                                                       is_causal=causal)
             for causal in (False, True)]  # the command tunes both
@@ -48,10 +55,10 @@ def _attention(L, S, E):
 CASES = {  # op: (shape on the command line, calls that use it)
     "matmul": ((33, 17, 40), _matmul),
     "linear": ((33, 17, 40), _linear),
-    "softmax": ((9, 100), lambda r, c: _rows(tritonops.softmax, r, c)),
-    "log_softmax": ((9, 100), lambda r, c: _rows(tritonops.log_softmax, r, c)),
-    "layer_norm": ((9, 100), lambda r, c: _norm(False, r, c)),
-    "rms_norm": ((9, 100), lambda r, c: _norm(True, r, c)),
+    "softmax": ((9, 100), lambda r, c, device: _rows(tritonops.softmax, r, c, device)),
+    "log_softmax": ((9, 100), lambda r, c, device: _rows(tritonops.log_softmax, r, c, device)),
+    "layer_norm": ((9, 100), lambda r, c, device: _norm(False, r, c, device)),
+    "rms_norm": ((9, 100), lambda r, c, device: _norm(True, r, c, device)),
     "attention": ((40, 33, 24), _attention),
 }
 
@@ -66,12 +73,13 @@ def _stored(cache_dir) -> set:
 
 
 @pytest.mark.parametrize("op", sorted(CASES))
-def test_command_tunes_exactly_the_keys_a_call_uses(tmp_path, monkeypatch, capsys, op):
+def test_command_tunes_exactly_the_keys_a_call_uses(tmp_path, monkeypatch, capsys, device, op):
     shape, calls = CASES[op]
     trace = tmp_path / "trace.jsonl"
+    monkeypatch.delenv("AUTOTUNE_RECORD", raising=False)  # it would win over tritonops' name
     monkeypatch.setenv("TRITONOPS_RECORD", str(trace))
     with autotune.override(mode="off"):  # a fresh memory: every key is asked for, so recorded
-        for call in calls(*shape):
+        for call in calls(*shape, device=device):
             out = call()
             out.backward(torch.randn_like(out))
     monkeypatch.delenv("TRITONOPS_RECORD")

@@ -101,24 +101,23 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _bwd_chunk(x_ptr, dy_ptr, w_ptr, rows, row_mask, start, N, mean, rstd,
-               stride_xm, stride_xn, stride_dym, stride_dyn, stride_w,
-               BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """Columns [start, start + BLOCK_N) of a block of rows, as both passes of the chunked
-    backward read them: (xhat, dy, g = dy * w, the column offsets, the mask, the column
-    mask), in the accumulator type; masked elements load as 0."""
+def _bwd_chunk(x_ptr, dy_ptr, w_ptr, rows, row_mask, cols, start, N, mean, rstd,
+               stride_xm, stride_xn, stride_dym, stride_dyn, stride_w, HAS_WEIGHT: tl.constexpr):
+    """Columns start + cols of a block of rows, as both passes of the chunked backward read
+    them: (xhat, dy, g = dy * w, the 2-D column offsets, the mask, the column mask), in the
+    accumulator type; masked elements load as 0."""
     acc_ty = acc_type(x_ptr.dtype.element_ty)
-    offs = start + tl.arange(0, BLOCK_N)
-    col_mask = offs < N
+    col_mask = start + cols < N
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :] * stride_xn, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs[None, :] * stride_dyn, mask=mask, other=0.0)
+    c = start + cols[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + c * stride_xn, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + c * stride_dyn, mask=mask, other=0.0)
     xhat = (x.to(acc_ty) - mean[:, None]) * rstd[:, None]
     dy = dy.to(acc_ty)
     g = dy
     if HAS_WEIGHT:
-        g = g * tl.load(w_ptr + offs * stride_w, mask=col_mask, other=0.0).to(acc_ty)[None, :]
-    return xhat, dy, g, offs, mask, col_mask
+        g = g * tl.load(w_ptr + (start + cols) * stride_w, mask=col_mask, other=0.0).to(acc_ty)[None, :]
+    return xhat, dy, g, c, mask, col_mask
 
 
 @triton.jit
@@ -203,26 +202,26 @@ def _norm_bwd_kernel(
             c1 = tl.zeros((BLOCK_R,), acc_ty)
             c2 = tl.zeros((BLOCK_R,), acc_ty)
             for start in tl.range(0, N, BLOCK_N):
-                xhat, dy, g, offs, mask, col_mask = _bwd_chunk(
-                    x_ptr, dy_ptr, w_ptr, rows, row_mask, start, N, mean, rstd,
-                    stride_xm, stride_xn, stride_dym, stride_dyn, stride_w, BLOCK_N, HAS_WEIGHT)
+                xhat, dy, g, c, mask, col_mask = _bwd_chunk(
+                    x_ptr, dy_ptr, w_ptr, rows, row_mask, cols, start, N, mean, rstd,
+                    stride_xm, stride_xn, stride_dym, stride_dyn, stride_w, HAS_WEIGHT)
                 c1 += tl.sum(g * xhat, axis=1)
                 if not RMS:
                     c2 += tl.sum(g, axis=1)
             c1 = c1 / N
             c2 = c2 / N
             for start in tl.range(0, N, BLOCK_N):
-                xhat, dy, g, offs, mask, col_mask = _bwd_chunk(
-                    x_ptr, dy_ptr, w_ptr, rows, row_mask, start, N, mean, rstd,
-                    stride_xm, stride_xn, stride_dym, stride_dyn, stride_w, BLOCK_N, HAS_WEIGHT)
+                xhat, dy, g, c, mask, col_mask = _bwd_chunk(
+                    x_ptr, dy_ptr, w_ptr, rows, row_mask, cols, start, N, mean, rstd,
+                    stride_xm, stride_xn, stride_dym, stride_dyn, stride_w, HAS_WEIGHT)
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                tl.store(dx_ptr + rows[:, None] * stride_dxm + offs[None, :] * stride_dxn,
+                tl.store(dx_ptr + rows[:, None] * stride_dxm + c * stride_dxn,
                          cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
                 if WEIGHT_GRAD:
-                    dw_ptrs = dw_part_ptr + part_row + offs
+                    dw_ptrs = dw_part_ptr + part_row + start + cols
                     tl.store(dw_ptrs, tl.load(dw_ptrs, mask=col_mask, other=0.0) + tl.sum(dy * xhat, axis=0),
                              mask=col_mask)
                 if BIAS_GRAD:
-                    db_ptrs = db_part_ptr + part_row + offs
+                    db_ptrs = db_part_ptr + part_row + start + cols
                     tl.store(db_ptrs, tl.load(db_ptrs, mask=col_mask, other=0.0) + tl.sum(dy, axis=0),
                              mask=col_mask)

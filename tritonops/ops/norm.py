@@ -70,6 +70,9 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     acc = rstd.dtype
     cfg = config or NORM_BWD_TUNER.select(
         norm_bwd_key(N, M, x.dtype, mean is None, weight is not None, weight_grad or bias_grad))
+    if "PROGRAMS_PER_SM" not in cfg.host:  # a meta-parameter would reach the kernel, which has none
+        raise ValueError(f"tritonops: the norm backward's config needs PROGRAMS_PER_SM as a host parameter, "
+                         f"e.g. Config(meta, host={{'PROGRAMS_PER_SM': 2}}); got {cfg}")
     one_pass = N <= cfg["BLOCK_N"]
     programs = min(triton.cdiv(M, cfg["BLOCK_R"]),
                    cfg["PROGRAMS_PER_SM"] * runtime.device_properties()["multiprocessor_count"]) if dx.numel() else 0

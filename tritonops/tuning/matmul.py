@@ -118,10 +118,12 @@ def matmul_call_keys(M: int, N: int, K: int, dtype: str) -> list[MatmulKey]:
 
 
 def linear_call_keys(M: int, N: int, K: int, dtype: str) -> list[MatmulKey]:
-    """The keys of F.linear with a bias and an activation, forward and backward, on x (M, K)
-    and weight (N, K): the forward fuses the epilogue; dX = dZ @ W, dW = dZ^T @ X."""
+    """The keys of F.linear forward and backward on x (M, K) and weight (N, K): the forward
+    with a fused epilogue (a bias and/or an activation) and without one (a bias-free
+    projection); dX = dZ @ W and dW = dZ^T @ X, the same in both cases."""
     x, w, dz = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(M, N, dtype=dtype)
     return [matmul_key(x[None], w.t()[None], True),
+            matmul_key(x[None], w.t()[None], False),
             matmul_key(dz[None], w[None], False),
             matmul_key(dz.t()[None], x[None], False)]
 
@@ -136,4 +138,5 @@ def _tune_keys(call_keys):
 register(TunableOp("matmul", "MxNxK", _tune_keys(matmul_call_keys), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
                    help="C = A @ B, A (M, K) and B (K, N) row-major, forward and backward"))
 register(TunableOp("linear", "MxNxK", _tune_keys(linear_call_keys), {"llm": LLM_SHAPES, "smoke": [(33, 17, 40)]},
-                   help="F.linear with a bias and an activation: x (M, K) @ weight (N, K)^T, forward and backward"))
+                   help="F.linear, x (M, K) @ weight (N, K)^T, with and without a fused bias / activation, "
+                        "forward and backward"))
