@@ -9,7 +9,8 @@ import triton
 from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
 
 from ..kernels.matmul import _matmul_fwd_kernel
-from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, dtype_name, tuning_device
+from ..ops._common import DTYPE_NAMES
+from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, tuning_device
 
 
 class MatmulKey(NamedTuple):
@@ -25,10 +26,10 @@ class MatmulKey(NamedTuple):
 
 
 def matmul_key(a: torch.Tensor, b: torch.Tensor, epilogue: bool) -> MatmulKey:
-    """The key of a launch on a (B, M, K) and b (B, K, N), as `launch_matmul` gets them."""
+    """The key of a launch on a (B, M, K) and b (B, K, N), as `launch_matmul` gets them.
+    Built on every launch: no more than tensor attribute reads and one tuple."""
     _, M, K = a.shape
-    return MatmulKey(bucket(M), b.shape[2], K, dtype_name(a.dtype), a.stride(2) == 1, b.stride(1) == 1,
-                     bool(epilogue))
+    return MatmulKey(bucket(M), b.shape[2], K, DTYPE_NAMES[a.dtype], a.stride(2) == 1, b.stride(1) == 1, epilogue)
 
 
 def matmul_heuristic(key: MatmulKey) -> Config:
