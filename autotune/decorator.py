@@ -45,7 +45,6 @@ class Autotuned:
             name or getattr(getattr(fn, "fn", fn), "__name__", "kernel"), space,
             default if default is not None else (lambda key: first),
             sources=[fn], strategy=strategy, **tuner_kwargs))
-        self._call_args: tuple | None = None
 
     def key(self, bound: dict) -> tuple:
         key = []

@@ -55,12 +55,6 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return poisoned(torch.empty(shape, dtype=dtype, device=device))
 
 
-def new_output_like(t: torch.Tensor) -> torch.Tensor:
-    """Like torch.empty_like (strides of a dense `t` kept); NaN-filled when poisoning."""
-    out = torch.empty_like(t)
-    return poisoned(out) if POISON else out
-
-
 def poisoned(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
