@@ -6,25 +6,54 @@
 
 Writes are read-merge-write under a file lock, into a temp file renamed over
 the old one, so N processes writing at once lose nothing and a reader never sees
-half a file. A file that cannot be read (corrupt, or another format) is a
-warning and is rebuilt, never a crash.
+half a file. Nothing read from disk is trusted: a file that cannot be read
+(corrupt, or another format) is a warning and is rebuilt; an entry that is not
+a JSON-list key with a `winner` config is skipped with a warning; a fingerprint
+or kernel identity from a file becomes a path only if it is a plain name. What a
+config's values mean is checked by the tuner against its Space (tuner.py).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable
 
 from filelock import FileLock
 
 from . import settings
+from .config import Config
 
 FORMAT = "autotune-cache-1"
 BUNDLE_FORMAT = "autotune-bundle-1"
+
+
+# A fingerprint or identity names a directory or file: a plain name, never a path
+# ("..", separators, absolute) that would lead a write outside the cache root.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+_warned: set = set()
+
+
+def warn_once(what: Any, message: str) -> None:
+    """A RuntimeWarning for `what` (a file and entry, a directory) once per process: a cache
+    is read again at every change, and one bad entry should not warn at every read."""
+    if what in _warned:
+        return
+    _warned.add(what)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def check_name(text: Any, what: str) -> str:
+    """`text` if it is a plain file name (see SAFE_NAME), else ValueError."""
+    if not isinstance(text, str) or not SAFE_NAME.fullmatch(text) or ".." in text:
+        raise ValueError(f"{what} {text!r} is not a plain name (letters, digits, '_', '.', '-')")
+    return text
 
 
 def default_cache_dir() -> Path:
@@ -37,7 +66,42 @@ def encode_key(key: tuple) -> str:
 
 
 def decode_key(text: str) -> tuple:
-    return tuple(json.loads(text))
+    """The key that encode_key wrote; ValueError for text that is not a JSON list of scalars."""
+    try:
+        values = json.loads(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"key {text!r} is not JSON") from None
+    if not isinstance(values, list) or not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+        raise ValueError(f"key {text!r} is not a JSON list of numbers, strings and booleans")
+    return tuple(values)
+
+
+def entry_problem(text: Any, entry: Any) -> str | None:
+    """Why a stored (key, entry) pair is malformed, or None: the key must be a JSON list and the
+    entry a dict whose `winner` is a config (`timings`, if there, a list). Whether the config
+    suits the kernel is the tuner's check (Tuner.entry_problem)."""
+    try:
+        decode_key(text)
+    except ValueError as e:
+        return str(e)
+    if not isinstance(entry, dict):
+        return f"the entry is a {type(entry).__name__}, not an object"
+    if not isinstance(entry.get("winner"), dict):
+        return "the entry has no winner config"
+    try:
+        Config.from_dict(entry["winner"])
+    except (TypeError, ValueError) as e:
+        return f"the winner is not a config: {e}"
+    if not isinstance(entry.get("timings", []), list):
+        return "the entry's timings are not a list"
+    return None
+
+
+def timing_records(entry: dict) -> list[dict]:
+    """The entry's per-config records that have a config (others are dropped, not trusted)."""
+    records = entry.get("timings", [])
+    return [t for t in records if isinstance(t, dict) and isinstance(t.get("config"), dict)] \
+        if isinstance(records, list) else []
 
 
 def entry_time(entry: dict) -> float:
@@ -54,8 +118,8 @@ def merge_entries(old: dict | None, new: dict) -> dict:
         return new
     keep, other = (new, old) if entry_time(new) <= entry_time(old) else (old, new)
     merged = dict(keep)
-    timings = {json.dumps(t["config"], sort_keys=True): t for t in other.get("timings", [])}
-    timings.update({json.dumps(t["config"], sort_keys=True): t for t in keep.get("timings", [])})
+    timings = {json.dumps(t["config"], sort_keys=True): t for t in timing_records(other)}
+    timings.update({json.dumps(t["config"], sort_keys=True): t for t in timing_records(keep)})
     merged["timings"] = list(timings.values())
     return merged
 
@@ -69,16 +133,21 @@ class KernelFile:
         self._lock = FileLock(str(self.path) + ".lock", timeout=120)
 
     def read(self) -> dict[str, dict]:
-        """key (encoded) -> entry; {} when the file is missing or unreadable (with a warning)."""
+        """key (encoded) -> entry; {} when the file is missing or unreadable (with a warning).
+        Malformed entries (see entry_problem) are left out, each with one warning."""
         data = _read_json(self.path)
         if data is None:
             return {}
         if data.get("format") != FORMAT or data.get("identity") != self.header.get("identity"):
-            warnings.warn(f"autotune: cache file {self.path} is of another format or kernel; it will be rebuilt",
-                          RuntimeWarning, stacklevel=2)
+            warn_once((self.path, "format"), f"autotune: cache file {self.path} is of another format or kernel; "
+                                             f"it will be rebuilt")
             return {}
         entries = data.get("entries")
-        return entries if isinstance(entries, dict) else {}
+        if not isinstance(entries, dict):
+            warn_once((self.path, "entries"), f"autotune: cache file {self.path} has no entries object; "
+                                              f"it will be rebuilt")
+            return {}
+        return well_formed(entries, self.path)
 
     def mtime(self) -> float:
         try:
@@ -86,14 +155,22 @@ class KernelFile:
         except OSError:
             return 0
 
-    def update(self, entries: dict[str, dict]) -> dict[str, dict]:
-        """Merge `entries` into the file (faster winner per key) and return the file's entries."""
+    def update(self, entries: dict[str, dict],
+               valid: Callable[[str, dict], bool] | None = None) -> dict[str, dict]:
+        """Merge `entries` into the file (faster winner per key) and return the file's entries.
+
+        valid: (key, stored entry) -> whether a stored entry may stay; one that may not is
+        replaced, never merged, so a bad entry with a fast time cannot outlive a good one.
+        Raises OSError when the directory cannot be written (see Tuner, which carries on)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             current = self.read()
             for key, entry in entries.items():
-                current[key] = merge_entries(current.get(key), entry)
+                old = current.get(key)
+                current[key] = merge_entries(old if old is None or valid is None or valid(key, old) else None,
+                                             entry)
             _write_json_atomic(self.path, {"format": FORMAT, **self.header, "entries": current})
+            remove_temp_files(self.path)  # left by writers killed mid-write; the lock keeps live ones out
         return current
 
     def to_dict(self) -> dict:
@@ -106,9 +183,21 @@ class CacheDir:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
 
+    def check_writable(self) -> None:
+        """OSError, naming the directory, when files cannot be created under the root."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise OSError(e.errno, f"the cache directory {self.root} cannot be written ({e.strerror or e})") from None
+
     def kernel_file(self, fingerprint: str, kernel: str, identity: str) -> KernelFile:
-        return KernelFile(self.root / fingerprint / f"{identity}.json",
-                          {"fingerprint": fingerprint, "kernel": kernel, "identity": identity})
+        """The file of one kernel identity on one device; ValueError for a fingerprint or identity
+        that is not a plain name (from a bundle, say), which could name a path outside the root."""
+        path = self.root / check_name(fingerprint, "device fingerprint") / f"{check_name(identity, 'kernel identity')}.json"
+        return KernelFile(path, {"fingerprint": fingerprint, "kernel": kernel, "identity": identity})
 
     def files(self, fingerprint: str | None = None, kernel: str | None = None) -> list[KernelFile]:
         out = []
@@ -118,12 +207,11 @@ class CacheDir:
             if fingerprint is not None and fp_dir.name != fingerprint:
                 continue
             for path in sorted(fp_dir.glob("*.json")):
-                data = _read_json(path, quiet=True) or {}
-                name = data.get("kernel") or path.stem.rsplit("-", 2)[0]
+                name = _kernel_name(path)
                 if kernel is not None and name != kernel:
                     continue
-                out.append(KernelFile(path, {"fingerprint": fp_dir.name, "kernel": name,
-                                             "identity": data.get("identity", path.stem)}))
+                # the identity is the file's name (what a tuner looks for), never a value read from it
+                out.append(KernelFile(path, {"fingerprint": fp_dir.name, "kernel": name, "identity": path.stem}))
         return out
 
     def export(self, path: str | os.PathLike, fingerprint: str | None = None, kernel: str | None = None) -> int:
@@ -132,53 +220,124 @@ class CacheDir:
         _write_json_atomic(Path(path), {"format": BUNDLE_FORMAT, "files": files})
         return sum(len(f["entries"]) for f in files)
 
-    def import_bundle(self, path: str | os.PathLike) -> int:
-        """Merge a bundle (from export) into this cache, keeping the faster of two entries."""
-        count = 0
-        for f in read_bundle(path):
-            kf = self.kernel_file(f["fingerprint"], f["kernel"], f["identity"])
-            kf.update(f["entries"])
-            count += len(f["entries"])
-        return count
+    def import_bundle(self, path: str | os.PathLike,
+                      check: Callable[[dict, str, dict], str | None] | None = None) -> tuple[int, list[str]]:
+        """Merge a bundle (from export) into this cache, keeping the faster of two entries.
+
+        check: (kernel file of the bundle, key, entry) -> why the entry is not valid, or None
+        (the command passes the registered tuner's check). Returns (entries imported, what was
+        skipped and why); a bundle that is not one at all is a ValueError."""
+        count, skipped = 0, []
+        files, problems = read_bundle(path)
+        skipped += problems
+        for f in files:
+            entries = {}
+            for key, entry in f["entries"].items():
+                why = check(f, key, entry) if check is not None else None
+                if why is None:
+                    entries[key] = entry
+                else:
+                    skipped.append(f"{f['fingerprint']}/{f['identity']} key {key}: {why}")
+            if entries:
+                keep = (lambda k, e: check(f, k, e) is None) if check is not None else None
+                self.kernel_file(f["fingerprint"], f["kernel"], f["identity"]).update(entries, keep)
+                count += len(entries)
+        return count, skipped
 
     def clear(self, kernel: str | None = None) -> int:
-        removed = 0
+        """Delete the kernel files (of one kernel, or all) and the temp files that writers killed
+        mid-write left; returns the number of kernel files removed. OSError after trying them all
+        if some could not be removed."""
+        removed, failed = 0, []
         for f in self.files(kernel=kernel):
-            with f._lock:
-                f.path.unlink(missing_ok=True)
-            removed += 1
+            try:
+                with f._lock:
+                    f.path.unlink(missing_ok=True)
+                removed += 1
+            except OSError as e:
+                failed.append(f"{f.path}: {e.strerror or e}")
+        if self.root.is_dir():
+            for fp_dir in (p for p in self.root.iterdir() if p.is_dir()):
+                for tmp in fp_dir.glob(".*.json.*.tmp"):
+                    target = fp_dir / _temp_target(tmp)
+                    if kernel is None or _kernel_name(target, read=False) == kernel:
+                        try:
+                            with FileLock(str(target) + ".lock", timeout=120):
+                                tmp.unlink(missing_ok=True)
+                        except OSError as e:
+                            failed.append(f"{tmp}: {e.strerror or e}")
+        if failed:
+            raise OSError(f"could not remove {len(failed)} file(s): " + "; ".join(failed))
         return removed
 
 
-def read_bundle(path: str | os.PathLike) -> list[dict]:
-    """The kernel files of a bundle; raises ValueError for something that is not one."""
+def _kernel_name(path: Path, read: bool = True) -> str:
+    """The kernel a cache file belongs to: its header's, if it is a plain name, else the file's
+    name less the "-<source hash>-v<version>" of the identity."""
+    data = (_read_json(path, quiet=True) or {}) if read else {}
+    name = data.get("kernel")
+    return name if isinstance(name, str) and SAFE_NAME.fullmatch(name) else path.stem.rsplit("-", 2)[0]
+
+
+def _temp_target(tmp: Path) -> str:
+    """The file a temp file of _write_json_atomic was to replace: ".<name>.<random>.tmp" -> <name>."""
+    return tmp.name[1:-len(".tmp")].rsplit(".", 1)[0]
+
+
+def remove_temp_files(path: Path) -> None:
+    """Delete the temp files left for `path` by writers that died before renaming them. Call it
+    holding the file's lock: a live writer writes its temp file only under that lock."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _temp_target(tmp) == path.name:
+            tmp.unlink(missing_ok=True)
+
+
+def well_formed(entries: dict, origin: Any) -> dict[str, dict]:
+    """The entries that are well formed (entry_problem), each other one left out with a warning."""
+    out = {}
+    for key, entry in entries.items():
+        why = entry_problem(key, entry)
+        if why is None:
+            out[key] = entry
+        else:
+            warn_once((str(origin), key, "malformed"), f"autotune: {origin}: skipping entry {key}: {why}")
+    return out
+
+
+def read_bundle(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """The kernel files of a bundle, each with its well-formed entries, and what was left out
+    and why (a kernel file without plain names or an entries object, a malformed entry).
+    Raises ValueError for something that is not a bundle at all."""
     data = _read_json(Path(path), quiet=True)
     if data is None or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), list):
         raise ValueError(f"{path} is not an autotune bundle (written by `autotune export`)")
-    files = []
-    for f in data["files"]:
-        if not all(isinstance(f.get(k), str) for k in ("fingerprint", "kernel", "identity")):
-            raise ValueError(f"{path}: a kernel file in the bundle lacks its fingerprint, kernel or identity")
-        files.append({**f, "entries": f.get("entries") or {}})
-    return files
-
-
-def bundle_entries(paths: Iterable[Path], fingerprint: str, identity: str) -> dict[str, dict]:
-    """Entries for one kernel identity on one device from shipped bundles (missing files skipped)."""
-    out: dict[str, dict] = {}
-    for path in paths:
-        if not Path(path).is_file():
+    files, skipped = [], []
+    for i, f in enumerate(data["files"]):
+        where = f"{path}: kernel file {i}"
+        if not isinstance(f, dict):
+            skipped.append(f"{where}: not an object")
             continue
         try:
-            files = read_bundle(path)
+            for name in ("fingerprint", "identity"):
+                check_name(f.get(name), name)
+            if not isinstance(f.get("kernel"), str):
+                raise ValueError(f"kernel {f.get('kernel')!r} is not a name")
         except ValueError as e:
-            warnings.warn(f"autotune: ignoring shipped configs: {e}", RuntimeWarning, stacklevel=2)
+            skipped.append(f"{where}: {e}")
             continue
-        for f in files:
-            if f["fingerprint"] == fingerprint and f["identity"] == identity:
-                for key, entry in f["entries"].items():
-                    out[key] = merge_entries(out.get(key), entry)
-    return out
+        entries = f.get("entries", {})
+        if not isinstance(entries, dict):
+            skipped.append(f"{where} ({f['identity']}): its entries are a {type(entries).__name__}, not an object")
+            continue
+        good = {}
+        for key, entry in entries.items():
+            why = entry_problem(key, entry)
+            if why is None:
+                good[key] = entry
+            else:
+                skipped.append(f"{f['fingerprint']}/{f['identity']} key {key}: {why}")
+        files.append({**f, "entries": good})
+    return files, skipped
 
 
 def _read_json(path: Path, quiet: bool = False) -> dict | None:
@@ -187,12 +346,25 @@ def _read_json(path: Path, quiet: bool = False) -> dict | None:
             data = json.load(fh)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        if not quiet:
-            warnings.warn(f"autotune: cache file {path} is unreadable ({e}); it will be rebuilt",
-                          RuntimeWarning, stacklevel=3)
+    except NotADirectoryError:  # a parent is a file: nothing is stored there
         return None
-    return data if isinstance(data, dict) else None
+    except OSError as e:
+        if not quiet:
+            warn_once(("unusable", str(path.parent.parent)),
+                      f"autotune: cache file {path} cannot be read ({e.strerror or e}); "
+                      f"its tuned configs are not used")
+        return None
+    except ValueError as e:
+        if not quiet:
+            warn_once((str(path), "unreadable", str(e)),
+                      f"autotune: cache file {path} is unreadable ({e}); it will be rebuilt")
+        return None
+    if not isinstance(data, dict):
+        if not quiet:
+            warn_once((str(path), "not an object"), f"autotune: cache file {path} is not a JSON object; "
+                                                    f"it will be rebuilt")
+        return None
+    return data
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -104,8 +104,11 @@ def _tune_on_devices(jobs, args):
     return [row for part in parts for row in part]
 
 
-def cmd_tune(args, registry) -> int:
+def cmd_tune(args, registry, cache) -> int:
     from .device import device_fingerprint, gpu_available
+
+    # tuning is for keeping: refuse before any timing when the winners could not be stored
+    cache.check_writable()
 
     if not gpu_available():
         print("autotune: no GPU: kernels run under the Triton interpreter and the times below are "
@@ -292,27 +295,58 @@ def _run(args, cache) -> int:
     from .device import device_fingerprint
     from .registry import REGISTRY
 
-    if args.command == "tune":
-        return cmd_tune(args, REGISTRY)
-    if args.command == "show":
-        return cmd_show(args, cache)
-    if args.command == "export":
-        n = cache.export(args.file, None if args.all_devices else device_fingerprint(), args.kernel)
-        print(f"exported {n} entr{'y' if n == 1 else 'ies'} to {args.file}")
-        return 0
-    if args.command == "import":
-        try:
-            n = cache.import_bundle(args.file)
-        except (OSError, ValueError) as e:
-            print(f"autotune: {e}", file=sys.stderr)
-            return 2
-        print(f"imported {n} entr{'y' if n == 1 else 'ies'} into {cache.root}")
-        return 0
-    if args.command == "clear":
-        n = cache.clear(args.kernel)
-        print(f"removed {n} cache file(s) from {cache.root}")
-        return 0
-    return cmd_info(args, cache)
+    try:
+        if args.command == "tune":
+            return cmd_tune(args, REGISTRY, cache)
+        if args.command == "show":
+            return cmd_show(args, cache)
+        if args.command == "export":
+            n = cache.export(args.file, None if args.all_devices else device_fingerprint(), args.kernel)
+            print(f"exported {_entries(n)} to {args.file}")
+            return 0
+        if args.command == "import":
+            return cmd_import(args, cache)
+        if args.command == "clear":
+            n = cache.clear(args.kernel)
+            print(f"removed {n} cache file(s) from {cache.root}")
+            return 0
+        return cmd_info(args, cache)
+    except OSError as e:  # an unreadable or unwritable cache directory, a file that cannot be written
+        print(f"autotune: {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _entries(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
+def cmd_import(args, cache) -> int:
+    """Merge a bundle, every entry checked first: well formed, and for a kernel registered here
+    (same identity: the same code), valid for its tuner's space (device limits only for this
+    device's entries). Exit 1 when anything was skipped, 2 for a file that is not a bundle."""
+    from .device import device_fingerprint
+    from .registry import TUNERS
+
+    here = device_fingerprint()
+
+    def check(f: dict, key: str, entry: dict) -> str | None:
+        tuner = TUNERS.get(f["kernel"])
+        if tuner is None or tuner.identity != f["identity"]:
+            return None  # code not loaded here: checked for form only, and by its tuner when used
+        return tuner.entry_problem(key, entry, limits=True if f["fingerprint"] == here else None)
+
+    try:
+        n, skipped = cache.import_bundle(args.file, check)
+    except ValueError as e:
+        print(f"autotune: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {_entries(n)} into {cache.root}")
+    if skipped:
+        print(f"autotune: skipped {len(skipped)} invalid part(s) of {args.file}:", file=sys.stderr)
+        for why in skipped:
+            print(f"  {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

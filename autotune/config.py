@@ -100,6 +100,9 @@ class Config:
         data = dict(data)
         num_warps = data.pop("num_warps", 4)
         num_stages = data.pop("num_stages", 3)
+        for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+            if isinstance(value, bool) or not isinstance(value, int):  # never 8.5 -> 8, "8" -> 8, true -> 1
+                raise ValueError(f"config {name} must be a whole number, not {value!r}")
         host = data.pop(HOST_FIELD, None)
         if host is not None and not isinstance(host, Mapping):
             raise ValueError(f"config {HOST_FIELD!r} must map host parameter names to values, not {host!r}")

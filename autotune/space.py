@@ -57,19 +57,61 @@ class Space:
         return out
 
     def valid(self, config: Config, problem: Problem | None = None, limits: Mapping[str, Any] | None = None) -> bool:
+        """The config passes the space's rules for `problem` on a device with `limits`."""
+        return self.broken_rule(config, problem, limits) is None
+
+    def broken_rule(self, config: Config, problem: Problem | None = None,
+                    limits: Mapping[str, Any] | None = None) -> str | None:
+        """The first rule the config breaks for `problem` on a device with `limits`, or None."""
         problem = problem or {}
         for name in self.dot_params:
             if config[name] < 16:
-                return False
+                return f"{name} {config[name]} is under 16, the smallest tl.dot"
         for name, dim in self.block_dims.items():
             if dim in problem and config[name] > max(16, _next_pow2(problem[dim])):
-                return False
+                return f"{name} {config[name]} is past {dim} = {problem[dim]}"
         if self.smem_bytes is not None and limits is not None:
             if self.smem_bytes(config, problem) > limits["max_shared_mem"]:
-                return False
+                return f"it needs more shared memory than the device's {limits['max_shared_mem']} bytes"
         if limits is not None and config.num_warps * limits.get("warp_size", 32) > 1024:
-            return False
-        return all(c(config, problem) for c in self.constraints)
+            return f"{config.num_warps} warps are more threads than a block may have"
+        for rule in self.constraints:
+            if not rule(config, problem):
+                return f"it breaks the rule {getattr(rule, '__name__', rule)!r}"
+        return None
+
+    def check(self, config: Config, problem: Problem | None = None,
+              limits: Mapping[str, Any] | None = None) -> str | None:
+        """Why `config` (read from a file, say) is not one of this space's for `problem`, or None:
+        exactly the space's parameter names, each value one of its list's, of the same type (64,
+        never 64.0, "64" or true), and the rules (`broken_rule`)."""
+        why = self._check_fields(config)
+        if why is not None:
+            return why
+        try:
+            return self.broken_rule(config, problem, limits)
+        except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a rule the values make fail
+            return f"the space's rules cannot judge it ({type(e).__name__}: {e})"
+
+    def _check_fields(self, config: Config) -> str | None:
+        for group, have, want in (("meta-parameter", config.meta, self.params),
+                                  ("host parameter", config.host, self.host_params)):
+            unknown, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+            if unknown:
+                return f"unknown {group}(s) {unknown}"
+            if missing:
+                return f"missing {group}(s) {missing}"
+        return self._check_values(config)
+
+    def _check_values(self, config: Config) -> str | None:
+        axes = {**self.params, **self.host_params, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        for name, values in axes.items():
+            value = config.get(name)
+            if value is None:  # a field this config lacks (a config list's configs may differ in fields)
+                continue
+            if not any(type(value) is type(v) and value == v for v in values):
+                return f"{name} = {value!r} is not one of {values}"
+        return None
 
     def configs(self, problem: Problem | None = None, limits: Mapping[str, Any] | None = None) -> list[Config]:
         """The configs that can run `problem` on a device with `limits`, in tie-break order."""
@@ -119,9 +161,18 @@ class ConfigList(Space):
                          host_params={n: values(n) for n in host_names}, **kwargs)
         self._configs = configs
         self._index = {c: i for i, c in enumerate(configs)}
+        self._field_sets = {(frozenset(c.meta), frozenset(c.host)) for c in configs}
 
     def all_configs(self):
         return list(self._configs)
+
+    def _check_fields(self, config):
+        """A listed config, or one with the fields of a listed config and values seen in the list."""
+        if config in self._index:
+            return None
+        if (frozenset(config.meta), frozenset(config.host)) not in self._field_sets:
+            return f"its fields {sorted({*config.meta, *config.host})} are those of no listed config"
+        return self._check_values(config)
 
     def order(self, config):
         return (self._index.get(config, len(self._index)),) + super().order(config)

@@ -6,7 +6,11 @@
   3. configs shipped with the package (bundles, one per GPU),
   4. mode "on": tunes now and stores the winner; mode "cached": the nearest tuned key,
   5. the heuristic default,
-and remembers the answer. The mode comes from the tuner, else from $AUTOTUNE_MODE;
+and remembers the answer. Every config read from a file or another rank is checked
+against the Space first (`entry_problem`): one that is not valid there is skipped
+with one warning naming its file and key, and the lookup goes on to the next source.
+A cache directory that cannot be read or written is one warning; the tuner then
+keeps what it tunes in memory. The mode comes from the tuner, else from $AUTOTUNE_MODE;
 with $AUTOTUNE_RECORD set, every new key is appended to that trace file. A package
 built on autotune may add its own names for these variables (see settings.py).
 """
@@ -22,13 +26,15 @@ import os
 import platform
 import sys
 import types
+import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from . import device as _device
 from . import settings
-from .cache import CacheDir, bundle_entries, decode_key, encode_key
+from .cache import (CacheDir, check_name, decode_key, encode_key, entry_problem, entry_time, read_bundle,
+                    timing_records, warn_once)
 from .config import Config
 from .search import STRATEGIES, make_strategy
 from .space import Space
@@ -320,6 +326,36 @@ def default_check(out: Any, ref: Any) -> bool:
     return True
 
 
+class Stored(NamedTuple):
+    """A valid entry of a file: its key, its winner as a Config, and the entry as stored."""
+
+    key: tuple
+    config: Config
+    entry: dict
+
+
+_SCALAR_FIELDS = (bool, int, float, str)
+
+
+def _field_types(key_type: type | None) -> tuple | None:
+    """The declared type of each field of a NamedTuple key (None where it is not a scalar type)."""
+    if key_type is None or not hasattr(key_type, "_fields"):
+        return None
+    try:
+        hints = typing.get_type_hints(key_type)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve: fields are not type-checked
+        return None
+    return tuple(hints.get(f) if hints.get(f) in _SCALAR_FIELDS else None for f in key_type._fields)
+
+
+def _has_type(value: Any, want: type) -> bool:
+    if want is bool:
+        return isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want) and not isinstance(value, bool)
+
+
 class Tuner:
     """Chooses the config of one kernel per problem key.
 
@@ -362,7 +398,9 @@ class Tuner:
         if key_type is not None and not issubclass(key_type, tuple):
             raise TypeError(f"autotune: key_type must be a tuple type (a NamedTuple), got {key_type!r}")
         self.key_type = key_type
+        self._field_types = _field_types(key_type)
         self.identity = f"{name}-{source_hash(*sources) if sources else 'nosource'}-v{space.version}"
+        check_name(self.identity, "kernel identity (from the tuner's name)")
         self.shipped = [Path(p) for p in shipped]
         self.check = check
         self.timer = timer
@@ -417,13 +455,14 @@ class Tuner:
         self._memo: dict[tuple, Config] = {}
         self.sources: dict[tuple, str] = {}  # key -> where its config came from
         self.pending: set[tuple] = set()  # keys waiting for autotune.distributed.sync()
-        self._user: dict[str, dict] | None = None
+        self._user: dict[str, Stored] | None = None
         self._user_mtime = None
-        self._shipped: dict[str, dict] | None = None
+        self._shipped: dict[str, Stored] | None = None
         self._file = None
 
     def make_key(self, values) -> tuple:
-        """`values` as this tuner's key: a `key_type` (checked for its number of fields), or a tuple."""
+        """`values` as this tuner's key: a `key_type` (checked for its number of fields and, where
+        they are declared int, float, str or bool, their types), or a tuple. ValueError otherwise."""
         if self.key_type is None:
             return tuple(values)
         if isinstance(values, self.key_type):
@@ -432,6 +471,10 @@ class Tuner:
         fields = getattr(self.key_type, "_fields", None)
         if fields is not None and len(values) != len(fields):
             raise ValueError(f"autotune: a {self.name} key has {len(fields)} fields {fields}, got {values!r}")
+        for field, value, want in zip(fields or (), values, self._field_types or ()):
+            if want is not None and not _has_type(value, want):
+                raise ValueError(f"autotune: field {field} of a {self.name} key must be {want.__name__}, "
+                                 f"got {value!r}")
         return self.key_type(*values)
 
     def select(self, key: tuple) -> Config:
@@ -448,11 +491,11 @@ class Tuner:
         config, source = None, "default"
         record_key(self.name, key)
         if mode != "off":
-            entry = self.user_entries().get(enc)
-            if entry is not None:
-                config, source = Config.from_dict(entry["winner"]), "user-cache"
-            elif (entry := self.shipped_entries().get(enc)) is not None:
-                config, source = Config.from_dict(entry["winner"]), "shipped"
+            stored = self._valid_user().get(enc)
+            if stored is not None:
+                config, source = stored.config, "user-cache"
+            elif (stored := self._valid_shipped().get(enc)) is not None:
+                config, source = stored.config, "shipped"
             elif mode == "on" and self.runner is not None and distributed_active():
                 # Ranks must agree: tuning waits for autotune.distributed.sync(), which every
                 # rank calls; until then every rank uses the same default.
@@ -473,16 +516,75 @@ class Tuner:
         return config
 
     def adopt(self, key: tuple, entry: dict, store: bool = True) -> Config:
-        """Use `entry` (tuned elsewhere: another rank, another process) for `key`."""
+        """Use `entry` (tuned elsewhere: another rank, another process) for `key`; an entry that
+        is not valid for this kernel (entry_problem) is a warning, and the key keeps its default."""
         key = self.make_key(key)
-        if store:
-            self._user = self.kernel_file().update({encode_key(key): entry})
-            self._user_mtime = self.kernel_file().mtime()
-        config = Config.from_dict(entry["winner"])
+        why = self.entry_problem(encode_key(key), entry)
+        if why is not None:
+            warn_once((self.identity, encode_key(key), "adopt", why),
+                      f"autotune: {self.name}: not adopting the config given for key {encode_key(key)}: {why}")
+            config, source = self.default(key), "default"
+        else:
+            if store:
+                self._store(key, entry)
+            config, source = Config.from_dict(entry["winner"]), "adopted"
         self._memo[key] = config
-        self.sources[key] = "adopted"
+        self.sources[key] = source
         self.pending.discard(key)
         return config
+
+    # ------------------------------------------------------------------ checking what is read
+    def entry_problem(self, text: str, entry: Any, limits: dict | None | bool = True) -> str | None:
+        """Why a stored entry (encoded key, entry) cannot be used by this tuner, or None.
+
+        The entry must be well formed (cache.entry_problem), its key one of this kernel's
+        (`make_key`), and its winner either the key's default or a config of the Space for the
+        key's problem within the device's limits (Space.check). limits: True for this device's,
+        None for none (an entry of another device), or a dict."""
+        why = entry_problem(text, entry)
+        if why is not None:
+            return why
+        try:
+            key = self.make_key(decode_key(text))
+            config = Config.from_dict(entry["winner"])
+            if config == self.default(key):
+                return None
+            problem = self.problem(key) if self.problem else None
+        except Exception as e:  # noqa: BLE001 - default() or problem() cannot take the key's values
+            return f"the key is not one of this kernel's ({type(e).__name__}: {e})"
+        return self.space.check(config, problem, _device.device_properties() if limits is True else limits)
+
+    def _checked(self, entries: dict[str, dict], origin: Any) -> dict[str, Stored]:
+        """The entries this tuner can use, as Stored; each other one is one warning naming
+        `origin` (its file) and its key."""
+        out = {}
+        for text, entry in entries.items():
+            why = self.entry_problem(text, entry)
+            if why is None:
+                out[text] = Stored(self.make_key(decode_key(text)), Config.from_dict(entry["winner"]), entry)
+            else:
+                warn_once((str(origin), text, "invalid", self.identity),
+                          f"autotune: {origin}: skipping the {self.name} config for key {text}: {why}")
+        return out
+
+    def _entry_is_valid(self, text: str, entry: dict) -> bool:
+        return self.entry_problem(text, entry) is None
+
+    def _store(self, key: tuple, entry: dict) -> None:
+        """Write `entry` for `key` into the user cache. A cache that cannot be written is one
+        warning; the tuner keeps the entry in memory and the call goes on."""
+        f = self.kernel_file()
+        try:
+            entries = f.update({encode_key(key): entry}, valid=self._entry_is_valid)
+            mtime = f.mtime()
+        except OSError as e:
+            warn_once(("unusable", str(f.path.parent.parent)),
+                      f"autotune: the cache directory {f.path.parent.parent} cannot be written "
+                      f"({e.strerror or e}); tuned configs are kept in this process's memory only")
+            self._valid_user()[encode_key(key)] = Stored(key, Config.from_dict(entry["winner"]), entry)
+            self._user_mtime = f.mtime()  # kept until the file changes
+            return
+        self._user, self._user_mtime = self._checked(entries, f.path), mtime
 
     # ------------------------------------------------------------------ files
     def fingerprint(self) -> str:
@@ -495,24 +597,52 @@ class Tuner:
             self._user = None
         return self._file
 
-    def user_entries(self) -> dict[str, dict]:
+    def _valid_user(self) -> dict[str, Stored]:
         f = self.kernel_file()
         mtime = f.mtime()
         if self._user is None or mtime != self._user_mtime:
-            self._user, self._user_mtime = f.read(), mtime
+            self._user, self._user_mtime = self._checked(f.read(), f.path), mtime
         return self._user
 
-    def shipped_entries(self) -> dict[str, dict]:
+    def _valid_shipped(self) -> dict[str, Stored]:
         if self._shipped is None:
-            self._shipped = bundle_entries(self.shipped, self.fingerprint(), self.identity)
+            fingerprint, found = self.fingerprint(), {}
+            for path in self.shipped:
+                if not path.is_file():
+                    continue
+                try:
+                    files, skipped = read_bundle(path)
+                except ValueError as e:
+                    warn_once((str(path), "bundle"), f"autotune: ignoring shipped configs: {e}")
+                    continue
+                for why in skipped:
+                    warn_once((str(path), why), f"autotune: shipped configs: skipping {why}")
+                for f in files:
+                    if f["fingerprint"] == fingerprint and f["identity"] == self.identity:
+                        for text, stored in self._checked(f["entries"], path).items():
+                            # checked before comparing: an invalid entry never displaces a valid one
+                            old = found.get(text)
+                            if old is None or entry_time(stored.entry) < entry_time(old.entry):
+                                found[text] = stored
+            self._shipped = found
         return self._shipped
 
+    def user_entries(self) -> dict[str, dict]:
+        """The user cache's valid entries: encoded key -> entry as stored."""
+        return {text: stored.entry for text, stored in self._valid_user().items()}
+
+    def shipped_entries(self) -> dict[str, dict]:
+        """The shipped bundles' valid entries for this device: encoded key -> entry."""
+        return {text: stored.entry for text, stored in self._valid_shipped().items()}
+
     def nearest(self, key: tuple) -> Config | None:
-        """The winner of the closest tuned key: every non-integer field equal, integer fields
-        closest in log2 distance; ties go to the smaller key."""
-        best = None
-        for enc, entry in {**self.shipped_entries(), **self.user_entries()}.items():
-            other = decode_key(enc)
+        """The winner of the closest tuned key that also suits `key` (its default, or within the
+        space's rules for its problem): every non-integer field equal, integer fields closest
+        in log2 distance; ties go to the smaller key."""
+        key = self.make_key(key)
+        ranked = []
+        for enc, stored in {**self._valid_shipped(), **self._valid_user()}.items():
+            other = stored.key
             if len(other) != len(key):
                 continue
             dist = 0.0
@@ -521,14 +651,20 @@ class Tuner:
                     if a != b:
                         break
                 elif isinstance(b, int) and not isinstance(b, bool):
-                    dist += abs(math.log2(a + 1) - math.log2(b + 1))
+                    dist += abs(math.log2(max(a, 0) + 1) - math.log2(max(b, 0) + 1))
                 else:
                     break
             else:
-                cand = (dist, enc, entry)
-                if best is None or cand[:2] < best[:2]:
-                    best = cand
-        return Config.from_dict(best[2]["winner"]) if best is not None else None
+                ranked.append((dist, enc, stored.config))
+        if not ranked:
+            return None
+        default = self.default(key)
+        problem = self.problem(key) if self.problem else None
+        limits = _device.device_properties()
+        for _, _, config in sorted(ranked, key=lambda r: r[:2]):
+            if config == default or self.space.check(config, problem, limits) is None:
+                return config
+        return None
 
     # ------------------------------------------------------------------ tuning
     def _timer(self):
@@ -566,7 +702,7 @@ class Tuner:
             warnings.warn(f"autotune: {self.name} default config {default} fails for key {key}: {e}",
                           RuntimeWarning, stacklevel=2)
             return None
-        known = {Config.from_dict(t["config"]): t for t in self._stored_timings(key)}
+        known = self._stored_timings(key)
         results: dict[Config, dict] = {}
         while (config := search.ask()) is not None:
             if config in known and "timing" in known[config]:
@@ -583,15 +719,26 @@ class Tuner:
         if entry is None:
             return None
         if store:
-            self._user = self.kernel_file().update({encode_key(key): entry})
-            self._user_mtime = self.kernel_file().mtime()
+            self._store(key, entry)
         self._memo[key] = Config.from_dict(entry["winner"])
         self.sources[key] = "tuned"
         return entry
 
-    def _stored_timings(self, key: tuple) -> list[dict]:
-        entry = self.user_entries().get(encode_key(key))
-        return entry.get("timings", []) if entry else []
+    def _stored_timings(self, key: tuple) -> dict[Config, dict]:
+        """Config -> its stored record for `key`, from the user cache, for records whose config is
+        one of the space's (a record read from disk is reused only then, never trusted blindly)."""
+        stored = self._valid_user().get(encode_key(key))
+        out = {}
+        for record in timing_records(stored.entry) if stored else ():
+            try:
+                config = Config.from_dict(record["config"])
+                p50 = record["timing"]["p50"] if "timing" in record else 0.0
+            except (TypeError, ValueError, KeyError):
+                continue
+            timed = isinstance(p50, (int, float)) and not isinstance(p50, bool) and math.isfinite(p50) and p50 >= 0
+            if timed and self.space.check(config) is None:
+                out[config] = record
+        return out
 
     def _measure(self, launch, config: Config, key: tuple, reference, timer) -> dict:
         record: dict[str, Any] = {"config": config.to_dict()}
