@@ -292,16 +292,24 @@ def remove_temp_files(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def well_formed(entries: dict, origin: Any) -> dict[str, dict]:
-    """The entries that are well formed (entry_problem), each other one left out with a warning."""
-    out = {}
+def sort_entries(entries: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """(the well-formed entries, key -> why for each malformed one): see entry_problem."""
+    good, bad = {}, {}
     for key, entry in entries.items():
         why = entry_problem(key, entry)
         if why is None:
-            out[key] = entry
+            good[key] = entry
         else:
-            warn_once((str(origin), key, "malformed"), f"autotune: {origin}: skipping entry {key}: {why}")
-    return out
+            bad[key] = why
+    return good, bad
+
+
+def well_formed(entries: dict, origin: Any) -> dict[str, dict]:
+    """The entries that are well formed (entry_problem), each other one left out with a warning."""
+    good, bad = sort_entries(entries)
+    for key, why in bad.items():
+        warn_once((str(origin), key, "malformed"), f"autotune: {origin}: skipping entry {key}: {why}")
+    return good
 
 
 def read_bundle(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
@@ -329,13 +337,8 @@ def read_bundle(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
         if not isinstance(entries, dict):
             skipped.append(f"{where} ({f['identity']}): its entries are a {type(entries).__name__}, not an object")
             continue
-        good = {}
-        for key, entry in entries.items():
-            why = entry_problem(key, entry)
-            if why is None:
-                good[key] = entry
-            else:
-                skipped.append(f"{f['fingerprint']}/{f['identity']} key {key}: {why}")
+        good, bad = sort_entries(entries)
+        skipped += [f"{f['fingerprint']}/{f['identity']} key {key}: {why}" for key, why in bad.items()]
         files.append({**f, "entries": good})
     return files, skipped
 
