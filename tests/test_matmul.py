@@ -74,18 +74,38 @@ def test_transposed_operand_is_not_copied(device, monkeypatch):
     assert seen[0][2] == b.data_ptr() and seen[0][3][1:] == (1, 24)
 
 
-@pytest.mark.parametrize("shapes", [((0, 5), (5, 3)), ((4, 5), (5, 0)), ((4, 0), (0, 3)), ((0, 4, 5), (5, 3)),
-                                    ((2, 0, 5), (2, 5, 3)), ((0,), (0,))])
+# Every rank combination torch.matmul takes, as (B, M, K, N) -> operand shapes.
+_MATMUL_RANKS = [
+    lambda B, M, K, N: ((K,), (K,)),
+    lambda B, M, K, N: ((K,), (K, N)),
+    lambda B, M, K, N: ((M, K), (K,)),
+    lambda B, M, K, N: ((M, K), (K, N)),
+    lambda B, M, K, N: ((B, M, K), (K, N)),  # batch folded into M
+    lambda B, M, K, N: ((B, M, K), (K,)),
+    lambda B, M, K, N: ((K,), (B, K, N)),
+    lambda B, M, K, N: ((M, K), (B, K, N)),
+    lambda B, M, K, N: ((B, M, K), (B, K, N)),
+    lambda B, M, K, N: ((B, 1, M, K), (3, K, N)),  # broadcast batch dims
+    lambda B, M, K, N: ((1, M, K), (B, K, N)),
+]
+_DIMS = (2, 3, 4, 5)
+
+
+def _zeroed(ranks, zero: int):
+    """The operand shapes of `ranks` with dim `zero` of (B, M, K, N) set to 0."""
+    return ranks(*(0 if i == zero else d for i, d in enumerate(_DIMS)))
+
+
+# Each of B, M, K, N set to 0 in turn, in every rank combination; and torch's own OpInfo samples.
+_EMPTY_MATMUL = sorted({_zeroed(r, z) for r in _MATMUL_RANKS for z in range(4)
+                        if _zeroed(r, z) != r(*_DIMS)}  # a B of 0 leaves ranks without B unchanged
+                       | {((5, 5, 0), (0, 5)), ((0, 0), (5, 0, 0)), ((0, 1, 3, 4), (3, 4, 5))})
+
+
+@pytest.mark.parametrize("shapes", _EMPTY_MATMUL, ids=lambda s: "x".join(str(list(t)) for t in s))
 def test_matmul_empty(device, shapes):
-    a = randn(*shapes[0], device=device, dtype=torch.float64).requires_grad_()
-    b = randn(*shapes[1], device=device, dtype=torch.float64).requires_grad_()
-    out = tritonops.matmul(a, b)
-    ref = torch.matmul(a, b)
-    assert out.shape == ref.shape
-    assert torch.equal(out, ref)  # K = 0 gives zeros, like torch
-    g = torch.randn(out.shape, dtype=out.dtype, device=device)
-    for got, want in zip(torch.autograd.grad(out, (a, b), g), torch.autograd.grad(ref, (a, b), g)):
-        assert torch.equal(got, want)  # M = 0 or N = 0 gives zero gradients of the other operand
+    """Zero-size dims anywhere: torch's shapes, zeros for K = 0, and gradients (zero or empty) as torch's."""
+    check_op(tritonops.matmul, torch.matmul, *(randn(*s, device=device) for s in shapes))
 
 
 def test_matmul_gradcheck(device):
@@ -137,6 +157,39 @@ def test_linear_non_contiguous_input(device):
     check_op(tritonops.linear, F.linear, x, w, strided=lambda t: [t[0][::2, ::2], t[1]])
 
 
+# (input, weight) shapes of linear with one of rows, batch, K or N zero, for 2-D and 1-D weights.
+_EMPTY_LINEAR = [((0, 7), (5, 7)), ((4, 0), (5, 0)), ((4, 7), (0, 7)), ((0, 0), (0, 0)),
+                 ((0, 3, 7), (5, 7)), ((2, 0, 7), (5, 7)), ((2, 3, 0), (5, 0)), ((2, 3, 7), (0, 7)),
+                 ((0,), (5, 0)), ((7,), (0, 7)),
+                 ((0, 7), (7,)), ((4, 0), (0,)), ((0,), (0,)), ((2, 0, 7), (7,)), ((2, 3, 0), (0,))]
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("shapes,with_bias", [(s, b) for s in _EMPTY_LINEAR for b in (False, True)
+                                              # torch takes no bias with a 1-D weight and a 2-D input
+                                              if not (b and len(s[1]) == 1 and len(s[0]) == 2)], ids=str)
+def test_linear_empty(device, shapes, with_bias, activation):
+    """Zero-size dims: torch's shapes, the (activated) bias for K = 0, gradients as torch's."""
+    x, w = randn(*shapes[0], device=device), randn(*shapes[1], device=device)
+    b = (randn(*w.shape[:-1], device=device),) if with_bias else ()
+    check_op(lambda *t: tritonops.linear(*t, activation=activation),
+             lambda *t: reference.linear(*t, activation_name=activation), x, w, *b)
+
+
+@pytest.mark.parametrize("shapes", [((4, 3), (3,), ()), ((3,), (3,), (1,)), ((2, 4, 3), (3,), (1,)),
+                                    ((3,), (3,), ()), ((2, 4, 3), (3,), ()), ((4, 3), (5, 3), (3,))], ids=str)
+def test_linear_bias_rules(device, shapes):
+    """With a 1-D weight torch takes only a 0-D bias, and not for a 2-D input: ours as torch."""
+    x, w, b = (randn(*s, device=device, dtype=torch.float64) for s in shapes)
+    try:
+        want = F.linear(x, w, b)
+    except RuntimeError as e:
+        with pytest.raises(type(e)):
+            tritonops.linear(x, w, b)
+        return
+    testing.assert_close(tritonops.linear(x, w, b), want, None)
+
+
 def test_linear_k_zero_gives_bias(device):
     x, w, b = randn(4, 0, device=device), randn(3, 0, device=device), randn(3, device=device)
     out = tritonops.linear(x, w, b, activation="relu")
@@ -152,6 +205,47 @@ def test_linear_bias_grad_is_deterministic(device):
         out = tritonops.linear(x, w, b, activation="gelu")
         grads.append(torch.autograd.grad(out.sum(), (w, b)))
     assert all(torch.equal(g0, g1) for g0, g1 in zip(*grads))
+
+
+# --------------------------------------------------------------------------- special values
+
+INF, NAN = float("inf"), float("nan")
+# NaN, +-inf, signed zeros, and finite pre-activations whose square overflows fp32 (above 1.8e19)
+SPECIAL = [NAN, INF, -INF, 0.0, -0.0, 1e20, -1e20, 1e30, -1e30]
+
+
+# NaN and inf results are the point here; the interpreter's numpy warns about computing them.
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a])
+def test_linear_activation_special_values_like_torch(device, dtype, activation):
+    """Each fused activation and its gradient, element by element, against torch's twin (reference.py)
+    in float64, torch's own result at `dtype` setting the bar. K = 1 and a unit weight make the
+    pre-activation z = x exactly (float16 turns the largest into inf), and dx = dy * activation'(z)."""
+    z = torch.cat([torch.tensor(SPECIAL, dtype=torch.float64), torch.randn(8, dtype=torch.float64) * 4])
+    x = z.to(dtype).to(device)[:, None]
+    dy = torch.randn(x.shape, dtype=torch.float64, device=device)
+
+    def run(fn, dt):
+        leaf = x.to(dt).requires_grad_()
+        out = fn(leaf, torch.ones(1, 1, dtype=dt, device=device))
+        return out, torch.autograd.grad(out, leaf, dy.to(dt))[0]
+
+    ours = run(lambda *t: tritonops.linear(*t, activation=activation), dtype)
+    ref = run(lambda *t: reference.linear(*t, activation_name=activation), torch.float64)
+    theirs = run(lambda *t: reference.linear(*t, activation_name=activation), dtype)
+    for what, o, r, t in zip(("output", "input gradient"), ours, ref, theirs):
+        for i in range(len(z)):
+            testing.assert_close(o[i], r[i], t[i], dtype, what=f"{activation} {what} at z = {x[i].item()}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_linear_relu_keeps_nan(device):
+    """NaN in a row makes its outputs NaN through relu as in torch, instead of relu's max dropping it."""
+    x = torch.tensor([[NAN, 1.0], [2.0, -1.0]], device=device)
+    out = tritonops.linear(x, torch.ones(2, 2, device=device), activation="relu")
+    assert torch.equal(out.isnan(), torch.relu(F.linear(x, torch.ones(2, 2, device=device))).isnan())
+    assert out.isnan()[0].all() and torch.equal(out[1], torch.ones(2, device=device))
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,15 +186,18 @@ def test_norm_sliced_rows_are_not_copied(device, monkeypatch):
     assert seen == [(base[::3, 5:35].data_ptr(), (120, 1))]
 
 
-@pytest.mark.parametrize("shape,norm_shape", [((0, 8), (8,)), ((3, 0), (0,)), ((2, 0, 4), (4,))], ids=str)
-def test_norm_empty(device, shape, norm_shape):
-    x, w, b = (t.requires_grad_() for t in ln_args(shape, norm_shape, "weight_bias", torch.float32, device))
-    for out, want, inputs in ((layer_norm(x, norm_shape, w, b), F.layer_norm(x, norm_shape, w, b), (x, w, b)),
-                              (rms_norm(x, norm_shape, w), F.rms_norm(x, norm_shape, w), (x, w))):
-        assert out.shape == want.shape and torch.equal(out, want)
-        g = torch.randn(out.shape, device=device)
-        for got, expected in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
-            assert torch.equal(got, expected)  # no rows: zero weight and bias gradients
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("shape,norm_shape", [
+    ((0, 8), (8,)), ((3, 0), (0,)), ((0,), (0,)),  # no rows, no columns
+    ((0, 3, 4), (4,)), ((2, 0, 4), (4,)), ((2, 3, 0), (0,)),  # a zero leading dim, batched or not
+    ((0, 3, 4), (3, 4)), ((2, 0, 4), (0, 4)), ((2, 3, 0), (3, 0)),  # a zero normalized dim
+    ((0, 1), (1,)),  # torch's own OpInfo sample
+], ids=str)
+def test_norm_empty(device, shape, norm_shape, affine):
+    """Zero-size dims: torch's empty output; weight and bias gradients zero (no rows) or empty."""
+    x, w, b = ln_args(shape, norm_shape, affine, torch.float32, device)
+    check_layer_norm(x, w, b, norm_shape)
+    check_rms_norm(x, w, norm_shape)
 
 
 @pytest.mark.parametrize("looped", [False, True])
@@ -263,7 +267,34 @@ def test_norm_errors_like_torch(device):
         rms_norm(x, (4,), torch.empty(4, device="meta"))
     with pytest.raises(TypeError, match="int64"):
         layer_norm(torch.ones(3, 4, dtype=torch.int64), (4,))
-    assert layer_norm(x, 4).shape == x.shape  # an int normalized_shape, as nn.LayerNorm takes
+
+
+class _Index:
+    def __index__(self):
+        return 4
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("normalized_shape", [
+    (4,), [4], torch.Size([4]), (3, 4), [3, 4], torch.Size([3, 4]),  # taken
+    (np.int64(4),), (_Index(),), (torch.tensor(4),), (torch.tensor([4]),),  # elements taken through __index__
+    4, 4.0, None, "4", torch.tensor(4), torch.tensor([4]), np.array([4]), range(4, 5),  # not a tuple: TypeError
+    (4.0,), (True,), (4, None), (torch.tensor(4.0),),  # elements not ints: TypeError
+    (torch.tensor(True),),  # RuntimeError
+    (), [], (5,), (-1,), (2, 4),  # shapes that do not fit: RuntimeError
+], ids=repr)
+def test_normalized_shape_like_torch(device, op, normalized_shape):
+    """normalized_shape as F.layer_norm / F.rms_norm take it: a tuple, list or torch.Size of ints;
+    a bare int is a TypeError there, so here (nn.LayerNorm's constructor is what accepts one)."""
+    ours, theirs = (layer_norm, F.layer_norm) if op == "layer_norm" else (rms_norm, F.rms_norm)
+    x = randn(3, 4, device=device)
+    try:
+        want = theirs(x, normalized_shape)
+    except (TypeError, RuntimeError) as e:
+        with pytest.raises(type(e)):
+            ours(x, normalized_shape)
+        return
+    testing.assert_close(ours(x, normalized_shape), theirs(x.double(), normalized_shape), want)
 
 
 def test_norm_config_keeps_gpu_rules():

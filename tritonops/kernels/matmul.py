@@ -11,12 +11,18 @@ SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_TANH_COEF = tl.constexpr(0.044715)
+# Past |z| = 1e10, tanh's derivative is exactly 0 in fp32 and fp64 alike, so any cap above 1e20 on
+# z * z leaves the gelu_tanh gradient unchanged; 1e30 * 3 * GELU_TANH_COEF stays finite in fp32.
+GELU_TANH_ZZ_CAP = tl.constexpr(1e30)
 
 
 @triton.jit
 def _activation_fwd(z, ACTIVATION: tl.constexpr):
+    """activation(z), NaN and +-inf as torch's twin: relu(NaN) = NaN; gelu, gelu_tanh and silu
+    of -inf are NaN (-inf * 0), as torch computes them."""
     if ACTIVATION == "relu":
-        z = tl.maximum(z, 0.0)
+        # A select, not tl.maximum, which returns 0 for NaN where torch's relu keeps the NaN.
+        z = tl.where(z < 0.0, 0.0, z)
     elif ACTIVATION == "gelu":
         z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
     elif ACTIVATION == "gelu_tanh":
@@ -28,14 +34,19 @@ def _activation_fwd(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activation_grad(z, ACTIVATION: tl.constexpr):
-    """d activation(z) / dz."""
+    """d activation(z) / dz, NaN and +-inf as torch's backward: relu'(NaN) = 1 (torch masks by
+    z <= 0, which NaN fails); gelu', gelu_tanh' and silu' of +-inf are NaN (inf * 0)."""
     if ACTIVATION == "relu":
-        g = tl.where(z > 0.0, 1.0, 0.0)
+        g = tl.where(z <= 0.0, 0.0, 1.0)
     elif ACTIVATION == "gelu":
         g = 0.5 * (1.0 + tl.math.erf(z * SQRT_HALF)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACTIVATION == "gelu_tanh":
         t = tanh((z + z * z * z * GELU_TANH_COEF) * SQRT_2_OVER_PI)
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * 3.0 * GELU_TANH_COEF)
+        # z * z is capped so it cannot overflow to inf for a large finite z (|z| > 1.8e19 in fp32),
+        # where 1 - t * t is exactly 0 and 0 * inf would make the gradient NaN instead of 1 or 0;
+        # an infinite or NaN z still gives NaN through z * (1 - t * t), as in torch.
+        zz = tl.minimum(z * z, GELU_TANH_ZZ_CAP)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + zz * 3.0 * GELU_TANH_COEF)
     elif ACTIVATION == "silu":
         s = tl.sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))

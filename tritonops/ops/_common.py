@@ -11,12 +11,26 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 DTYPE_NAMES = {dt: str(dt).replace("torch.", "") for dt in FLOAT_DTYPES}
 
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """A tensor (or a requested output) dtype the kernels do not implement: integer, bool, complex.
+
+    torch raises NotImplementedError for a dtype an op has no kernel for (a RuntimeError, which
+    is what scaled_dot_product_attention raises for integer inputs), so code written against
+    torch catches one of those; tritonops raised TypeError before, so it stays one too.
+    """
+
+
+def unsupported_dtype(op: str, what: str, dtype: torch.dtype) -> UnsupportedDtypeError:
+    return UnsupportedDtypeError(
+        f"tritonops.{op}: {what} has dtype {dtype}; supported are float16, bfloat16, float32 and float64")
+
+
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, torch.Tensor):  # as torch's argument parser: a plain TypeError
         raise TypeError(f"tritonops.{op}: {name} must be a Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"tritonops.{op}: {name} has dtype {t.dtype}; supported are float16, bfloat16, float32 and float64")
+        raise unsupported_dtype(op, name, t.dtype)
 
 
 def check_same(op: str, tensors: dict[str, torch.Tensor | None]) -> tuple[torch.dtype, torch.device]:

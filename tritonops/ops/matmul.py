@@ -122,7 +122,8 @@ def _matmul_impl(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     if b.dim() == 2 and a.dim() > 2 and _foldable(a):
         # b is shared by every batch: fold a's batch into M, one problem instead of many
-        c, _ = launch_matmul(a.reshape(1, -1, K), b.unsqueeze(0))
+        # (sizes spelled out: -1 cannot be inferred when K is 0)
+        c, _ = launch_matmul(a.reshape(1, math.prod(a.shape[:-1]), K), b.unsqueeze(0))
     else:
         nbatch = batch_shape.numel()
         c, _ = launch_matmul(_as_batched(a.expand(*batch_shape, M, K), nbatch),
@@ -155,7 +156,8 @@ def matmul_backward_op(grad: torch.Tensor, input: torch.Tensor, other: torch.Ten
         d_input = _matmul_impl(g, b.mT).sum_to_size(a.shape).reshape(input.shape)
     if need_other:  # dB = A^T @ dC
         if b.dim() == 2 and a.dim() > 2:  # one problem with the batch folded into the reduction
-            d_other = _matmul_impl(a.reshape(-1, K).mT, g.reshape(-1, N))
+            rows = math.prod(a.shape[:-1])  # not -1: K or N may be 0
+            d_other = _matmul_impl(a.reshape(rows, K).mT, g.reshape(rows, N))
         else:
             d_other = _matmul_impl(a.mT, g).sum_to_size(b.shape)
         d_other = d_other.reshape(other.shape)
@@ -286,7 +288,13 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         rows = input.numel() // max(input.shape[-1], 1) if input.dim() > 1 else 1
         raise RuntimeError(
             f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and {K}x{N})")
-    if bias is not None and tuple(bias.shape) != (N,) and not (weight.dim() == 1 and bias.dim() == 0):
+    if bias is not None and weight.dim() == 1:
+        # torch takes only a 0-D bias with a vector weight, and not for a 2-D input, which it sends
+        # to addmm (that refuses a 1-D weight); other ranks add the bias after a matmul.
+        if input.dim() == 2 or bias.dim() != 0:
+            raise RuntimeError(f"tritonops.linear: a 1-D weight takes a 0-D bias and an input not 2-D "
+                               f"(mat2 must be a matrix), got input {tuple(input.shape)} and bias {tuple(bias.shape)}")
+    elif bias is not None and tuple(bias.shape) != (N,):
         raise RuntimeError(f"tritonops.linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
     if use_reference("linear", device):
         return reference.linear(input, weight, bias, activation)

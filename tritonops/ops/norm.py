@@ -1,6 +1,7 @@
 """layer_norm and rms_norm, forward and backward (one kernel each way, flag RMS)."""
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -229,9 +230,30 @@ rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 # --------------------------------------------------------------------------- public ops
 
 
-def _check_shapes(input, normalized_shape, weight, bias) -> tuple[int, ...]:
-    """normalized_shape as a tuple, after torch's checks (same messages, same RuntimeError)."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def _normalized_shape(op: str, normalized_shape) -> tuple[int, ...]:
+    """normalized_shape as a tuple of ints, taking what F.layer_norm / F.rms_norm take: a tuple,
+    list or torch.Size of integers (anything with __index__, one-element integer tensors
+    included); a bare int, a bool or a float is a TypeError there, and so here (nn.LayerNorm's
+    constructor is what turns an int into a tuple)."""
+    if not isinstance(normalized_shape, (tuple, list)):
+        raise TypeError(f"tritonops.{op}: normalized_shape must be a tuple of ints, "
+                        f"not {type(normalized_shape).__name__}")
+    shape = []
+    for i, d in enumerate(normalized_shape):
+        if isinstance(d, torch.Tensor) and d.dtype == torch.bool:  # torch's parser takes it, its op refuses it
+            raise RuntimeError(f"tritonops.{op}: normalized_shape must hold integers, got a bool tensor at pos {i}")
+        if isinstance(d, bool):
+            d = None  # operator.index takes True; torch's parser does not
+        try:
+            shape.append(operator.index(d))
+        except TypeError:
+            raise TypeError(f"tritonops.{op}: normalized_shape must be a tuple of ints, but found element of type "
+                            f"{type(normalized_shape[i]).__name__} at pos {i}") from None
+    return tuple(shape)
+
+
+def _check_shapes(input, shape: tuple[int, ...], weight, bias) -> None:
+    """torch's checks of normalized_shape against the tensors (same messages, same RuntimeError)."""
     if not shape:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
                            "one element, but got normalized_shape = []")
@@ -242,14 +264,14 @@ def _check_shapes(input, normalized_shape, weight, bias) -> tuple[int, ...]:
     if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size{list(input.shape)}")
-    return shape
 
 
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm on Triton kernels: statistics in fp32 (fp64 for float64), output in input's dtype."""
+    shape = _normalized_shape("layer_norm", normalized_shape)  # first, as torch's argument parser
     _, device = check_same("layer_norm", {"input": input, "weight": weight, "bias": bias})
-    shape = _check_shapes(input, normalized_shape, weight, bias)
+    _check_shapes(input, shape, weight, bias)
     if use_reference("layer_norm", device):
         return F.layer_norm(input, shape, weight, bias, eps)
     return layer_norm_op(input, list(shape), weight, bias, float(eps))[0]
@@ -259,8 +281,9 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
              eps: float | None = None) -> torch.Tensor:
     """F.rms_norm on Triton kernels. eps=None is, as in torch, the machine epsilon of the
     compute type: float32's for float16 / bfloat16 / float32 inputs, float64's for float64."""
+    shape = _normalized_shape("rms_norm", normalized_shape)  # first, as torch's argument parser
     _, device = check_same("rms_norm", {"input": input, "weight": weight})
-    shape = _check_shapes(input, normalized_shape, weight, None)
+    _check_shapes(input, shape, weight, None)
     if use_reference("rms_norm", device):
         return F.rms_norm(input, shape, weight, eps)
     if eps is None:

@@ -11,7 +11,7 @@ from autotune import Config
 from .. import runtime
 from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
 from ..tuning.softmax import SOFTMAX_BWD_TUNER, SOFTMAX_TUNER, softmax_key
-from ._common import FLOAT_DTYPES, check_same, use_reference
+from ._common import FLOAT_DTYPES, check_same, unsupported_dtype, use_reference
 
 
 # --------------------------------------------------------------------------- layout
@@ -19,6 +19,8 @@ from ._common import FLOAT_DTYPES, check_same, use_reference
 
 def _collapse(sizes, strides):
     """(size, stride) walking the given dims as one, or None when no single stride does."""
+    if 0 in sizes:  # nothing to walk (and no stride rule holds across an empty dim)
+        return 0, 0
     size, stride = 1, 0
     for sz, st in zip(reversed(sizes), reversed(strides)):
         if sz == 1:
@@ -191,6 +193,10 @@ _WIDER = {
 }
 
 
+# The Python types torch's argument parser takes for a dtype, and the dtypes it reads them as.
+_PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
+
+
 def _wrap_dim(dim, ndim: int) -> int:
     dim = operator.index(dim)
     n = max(ndim, 1)
@@ -201,9 +207,12 @@ def _wrap_dim(dim, ndim: int) -> int:
 
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> torch.Tensor:
     if dtype is not None:
+        if isinstance(dtype, type):
+            dtype = _PYTHON_DTYPES.get(dtype, dtype)
+        if not isinstance(dtype, torch.dtype):  # as torch's argument parser: a plain TypeError
+            raise TypeError(f"tritonops.{op}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"tritonops.{op}: dtype {dtype} is not supported; "
-                            "supported are float16, bfloat16, float32 and float64")
+            raise unsupported_dtype(op, "the requested output", dtype)
         if isinstance(input, torch.Tensor) and (not input.is_floating_point() or input.dtype not in _WIDER[dtype]):
             # torch casts first; the kernel fuses only exact (widening) casts, so narrowing ones happen here.
             input = input.to(dtype)
