@@ -146,8 +146,9 @@ def attention_cases():
         elif mask == "add":
             m = E(L, S, dtype=dtype).expand(2, 8, L, S)
         o, lse = attention_ops.launch_attention_fwd(q, k, v, m, causal, None, p, 123)
-        attention_ops.launch_attention_bwd(torch.empty_like(o), q, k, v, m, o, lse, causal, None, p, 123,
-                                           mask_grad=mask == "add")
+        for exact in (False, True):  # FlashAttention-2's delta, and the one the dQ kernel forms
+            attention_ops.launch_attention_bwd(torch.empty_like(o), q, k, v, m, o, lse, causal, None, p, 123,
+                                               mask_grad=mask == "add", exact_delta=exact)
 
 
 def main() -> int:

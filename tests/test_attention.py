@@ -60,11 +60,26 @@ def test_attention(device, dtype, causal, shape):
              backward=not (causal and L == 1))
 
 
+@pytest.fixture(params=[False, True], ids=["output-delta", "exact-delta"])
+def exact_delta(request, monkeypatch):
+    """The backward's delta both ways: FlashAttention-2's rowsum(O * dO) (the default) and the
+    one formed from the backward's own p and dp ($TRITONOPS_ATTENTION_EXACT_DELTA=1)."""
+    monkeypatch.setenv(attn_ops.EXACT_DELTA_VARIABLE, "1" if request.param else "0")
+    return request.param
+
+
+@pytest.fixture
+def exact_delta_on(monkeypatch):
+    monkeypatch.setenv(attn_ops.EXACT_DELTA_VARIABLE, "1")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_causal_single_query_row(device, dtype):
+def test_causal_single_query_row(device, dtype, exact_delta):
     """L = 1, causal: the row sees key 0 alone (softmax = 1), so out = v[0], dv[0] = do and the
-    rest of dv, all of dq and dk vanish; FA2's delta = rowsum(o * do) leaves only rounding
-    noise (fp32 sums of the same terms in two orders) in dq and dk."""
+    rest of dv, all of dq and dk vanish. FlashAttention-2's delta = rowsum(o * do) leaves only
+    rounding noise (fp32 sums of the same terms in two orders) in dq and dk; the exact delta
+    makes dp - delta 0 where the recomputed scores match the forward's bit for bit (they do
+    under the interpreter); the bound leaves room for a GPU whose transposed dot rounds otherwise."""
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 1, 33, 64, dtype=dtype, device=device))
     out = attention(q, k, v, is_causal=True)
     assert torch.equal(out, v[:, :, :1].detach())
@@ -222,12 +237,66 @@ def test_non_contiguous_output_gradient(device):
         testing.assert_close(o, r, None)
 
 
-@pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)],
-                         ids=["B0", "H0", "L0", "S0"])
-def test_empty(device, shape):
-    """Empty batch or sequence: torch's shapes; S = 0 gives zeros (nothing to attend to)."""
-    B, H, L, S = shape
-    check_op(attention, sdpa, *qkv(B, H, L, S, 16, 24, dtype=torch.float64, device=device))
+def _like_torch(args, **kwargs):
+    """attention and torch's SDPA on the float64 tensors `args`, forward and backward (d of
+    every input, the float mask's included): equal results (the float64 floor), or an
+    exception of the same type from both."""
+    def run(fn):
+        leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        try:
+            out = fn(*leaves, **kwargs)
+        except Exception as e:  # noqa: BLE001 - compared with torch's below
+            return e, None
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        return out, torch.autograd.grad(out, [x for x in leaves if x.requires_grad], g, allow_unused=True)
+
+    (theirs, their_grads), (ours, our_grads) = run(sdpa), run(attention)
+    if isinstance(theirs, Exception):
+        assert type(ours) is type(theirs), f"torch raises {theirs!r}, we give {ours!r}"
+        return
+    assert not isinstance(ours, Exception), f"torch returns, we raise {ours!r}"
+    testing.assert_close(ours, theirs, None)
+    for i, (o, t) in enumerate(zip(our_grads, their_grads, strict=True)):
+        assert (o is None) == (t is None), f"grad {i}: ours {o}, torch's {t}"
+        if t is not None:
+            testing.assert_close(o, t, None, what=f"grad of input {i}")
+
+
+def _sizes_with_zero(layout, zero):
+    """q, k, v shapes of `layout` with the dim named `zero` 0: 3-D (the heads as batch), 4-D,
+    4-D key/value under a 3-D query (batch dims broadcast), GQA (two query heads per key head)."""
+    n = dict(B=2, H=2, L=3, S=5, E=4, Ev=6)
+    n[zero] = 0
+    B, H, L, S, E, EV = n.values()
+    return {"3d": ((H, L, E), (H, S, E), (H, S, EV)),
+            "4d": ((B, H, L, E), (B, H, S, E), (B, H, S, EV)),
+            "bcast": ((H, L, E), (B, H, S, E), (B, 1, S, EV)),
+            "gqa": ((B, 2 * H, L, E), (B, H, S, E), (B, H, S, EV))}[layout]
+
+
+@pytest.mark.parametrize("layout, zero", [(layout, zero) for layout in ("3d", "4d", "bcast", "gqa")
+                                          for zero in ("B", "H", "L", "S", "E", "Ev") if (layout, zero) != ("3d", "B")])
+def test_zero_size_dims_like_torch(device, layout, zero):
+    """Every dim 0 in turn, with an additive mask and causal: torch's answer, forward and
+    backward. With no query rows or an empty value (S = 0, Ev = 0, or a batch dim of value 0)
+    torch returns zeros shaped by the query alone (key's and value's batch dims not broadcast
+    in: the "bcast" layout) and checks no shape; with E = 0 every score is 0 and each row
+    averages the values it attends."""
+    q, k, v = (torch.randn(s, dtype=torch.float64, device=device) for s in _sizes_with_zero(layout, zero))
+    gqa = dict(enable_gqa=True) if layout == "gqa" else {}
+    mask = torch.randn(q.shape[-2], k.shape[-2], dtype=torch.float64, device=device)
+    _like_torch((q, k, v, mask), **gqa)
+    _like_torch((q, k, v), is_causal=True, **gqa)
+
+
+def test_gqa_without_key_heads(device):
+    """Key and value with no heads: torch returns zeros (value is empty), and so do we. Only
+    one of them without heads: torch 2.13 dies of a division by zero (SIGFPE), we raise."""
+    q = torch.randn(2, 4, 3, 8, dtype=torch.float64, device=device)
+    k, v = (torch.randn(2, 0, 5, 8, dtype=torch.float64, device=device) for _ in range(2))
+    _like_torch((q, k, v), enable_gqa=True)
+    with pytest.raises(RuntimeError, match="must divide the number of heads"):
+        attention(q, k, torch.randn(2, 2, 5, 8, dtype=torch.float64, device=device), enable_gqa=True)
 
 
 # --------------------------------------------------------------------------- GQA
@@ -358,6 +427,58 @@ def test_dropout_edge_probabilities(device):
     assert torch.equal(attention(q, k, v, dropout_p=-0.5), attention(q, k, v))  # p <= 0: no dropout, as torch
 
 
+# --------------------------------------------------------------------------- PyTorch's OpInfo samples
+
+
+def _opinfo_specs():
+    """The samples of PyTorch's OpInfo "nn.functional.scaled_dot_product_attention" (torch 2.13,
+    sample_inputs_scaled_dot_product_attention), as (q shape, k/v shape, kwargs): 3-D, 4-D,
+    and a 3-D query broadcast against a 4-D batch; causal or not; dropout 0 or 0.5; and a
+    float mask. (Its generator also loops over an enable_gqa flag it never passes on, so it
+    draws each of the first twelve twice, with other values; once here.)"""
+    B, L, S, H, E = 4, 3, 6, 4, 8
+    shapes = [((B, L, E), (B, S, E)), ((B, H, L, E), (B, H, S, E)), ((H, L, E), (B, H, S, E))]
+    specs = [(q, kv, dict(is_causal=causal, dropout_p=p)) for q, kv in shapes for causal in (True, False)
+             for p in (0.0, 0.5)]
+    return specs + [((B, H, L, E), (B, H, S, E), dict(attn_mask=(L, S)))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("index", range(len(_opinfo_specs())))
+def test_opinfo_samples(device, dtype, index, exact_delta_on):
+    """Values up to +-9 at head dim 8 make softmax rows where one key takes nearly all the
+    weight; there dp_j - delta cancels, and FlashAttention-2's delta, rowsum(O * dO) from the
+    stored O, gives dQ and dK of the wrong sign (7 of these 26 cases fail the rule with it). With the exact delta, against float64, each within the tolerance of torch's error at
+    the same precision; dropout samples against torch's math backend on the kernels' own
+    keep-mask."""
+    q_shape, kv_shape, kwargs = _opinfo_specs()[index]
+
+    def make(shape):  # as the OpInfo makes them: uniform in [-9, 9]
+        return torch.testing.make_tensor(shape, device=device, dtype=dtype)
+
+    args = [make(q_shape), make(kv_shape), make(kv_shape)]
+    if "attn_mask" in kwargs:  # positional, so check_op casts it and checks its gradient too
+        args.append(make(kwargs.pop("attn_mask")))
+    p = kwargs.pop("dropout_p", 0.0)
+    if p == 0:
+        check_op(attention, sdpa, *args, **kwargs)
+        return
+    seed = 1234
+    batch = torch.broadcast_shapes(q_shape[:-2], kv_shape[:-2])
+    torch.manual_seed(seed)
+    keep = attn_ops.dropout_keep_mask(attn_ops.draw_dropout_seed(), math.prod(batch), q_shape[-2], kv_shape[-2], p,
+                                      device).view(*batch, q_shape[-2], kv_shape[-2])
+
+    def ours(q, k, v, **kw):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=p, **kw)
+
+    def torch_math(q, k, v, **kw):
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, p, dropout_mask=keep, **kw)[0]
+
+    check_op(ours, torch_math, *args, **kwargs)
+
+
 # --------------------------------------------------------------------------- memory, determinism, configs
 
 
@@ -387,9 +508,10 @@ class _Allocations(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["causal", "mask"])
-def test_memory_is_linear_in_sequence_length(device, mask):
-    """The forward allocates O and the LSE, nothing else; the backward dQ, dK, dV and two
-    per-row vectors: no L x S buffer anywhere."""
+def test_memory_is_linear_in_sequence_length(device, mask, exact_delta):
+    """The forward allocates O and the LSE, nothing else; the backward dQ, dK, dV and
+    rowsum(O * dO) per row (and, with the exact delta, the delta the dQ kernel forms from it):
+    no L x S buffer anywhere."""
     L = S = 128
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, L, S, 16, device=device))
     attn_mask = torch.rand(L, S, device=device) > 0.1 if mask else None
@@ -399,7 +521,7 @@ def test_memory_is_linear_in_sequence_length(device, mask):
     g = torch.randn_like(out)
     with _Allocations() as bwd:
         out.backward(g)
-    assert sorted(bwd.shapes) == [(1, 2, L, 16)] * 3 + [(2, L)]
+    assert sorted(bwd.shapes) == [(1, 2, L, 16)] * 3 + [(2, L)] * (2 if exact_delta else 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured with the CUDA allocator")
@@ -411,6 +533,18 @@ def test_peak_memory_grows_linearly():
     attention(q, k, v, is_causal=True)
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= 2 * (q.numel() * 2 + 8 * 8192 * 4)  # O and LSE, far from 8 x 8192^2 scores
+
+
+def test_key_and_value_gradients_alone(device, exact_delta):
+    """Without a gradient for the query the dQ kernel runs only its first pass, which forms
+    the exact delta the dK/dV kernel reads (with FlashAttention-2's delta, it does not run):
+    dk and dv equal the full backward's bit for bit."""
+    q, k, v = qkv(1, 2, 21, 30, 16, device=device)
+    k, v = k.requires_grad_(), v.requires_grad_()
+    g = torch.randn(1, 2, 21, 16, device=device)
+    alone = torch.autograd.grad(attention(q, k, v, is_causal=True), (k, v), g)
+    full = torch.autograd.grad(attention(q.requires_grad_(), k, v, is_causal=True), (q, k, v), g)
+    assert torch.equal(alone[0], full[1]) and torch.equal(alone[1], full[2])
 
 
 def test_backward_is_deterministic(device):
@@ -497,7 +631,7 @@ def test_keys_are_small_tuples(monkeypatch):
         monkeypatch.setattr(tuner, "select", lambda key, select=tuner.select: seen.append(key) or select(key))
     attention(q, k, v, is_causal=True).sum().backward()
     fwd = (64, True, "float32", 128, 64, "none", False)
-    assert seen == [fwd, (64, "float32", 128), fwd, fwd + (False,)]
+    assert seen == [fwd, (64, "float32", 128), fwd + (False,), fwd]  # dQ first: it may form dK/dV's delta
 
 
 def test_spaces_keep_their_rules():
@@ -614,3 +748,12 @@ def test_errors_like_torch(device):
         attention(q, k[:, :2], v[:, :2])
     with pytest.raises(NotImplementedError, match="up to 256"):
         attention(*qkv(1, 1, 2, 2, 320, device=device))
+
+
+def test_exact_delta_setting_is_checked(monkeypatch):
+    for value, want in [("1", True), (" on ", True), ("0", False), ("", False)]:
+        monkeypatch.setenv(attn_ops.EXACT_DELTA_VARIABLE, value)
+        assert attn_ops.exact_delta_enabled() is want
+    monkeypatch.setenv(attn_ops.EXACT_DELTA_VARIABLE, "sometimes")
+    with pytest.raises(ValueError, match=attn_ops.EXACT_DELTA_VARIABLE):
+        attn_ops.exact_delta_enabled()

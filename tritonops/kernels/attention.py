@@ -3,14 +3,29 @@
 Forward: one pass per query block over the key blocks, online softmax in base 2
 (fp32 running max and sum), the log-sum-exp per row saved for backward; the
 L x S score matrix exists only one tile at a time, in registers.
-Backward: a preprocess kernel (delta = rowsum(O * dO)), then dK/dV per key block
-looping over query blocks (and over the query heads of a GQA group), and dQ per
-query block looping over key blocks. Every output element is written by exactly
-one program, in a fixed order: no atomics, deterministic by construction.
+Backward: a preprocess kernel (delta0 = rowsum(O * dO)), dQ per query block looping over
+key blocks, and dK/dV per key block looping over query blocks (and over the query heads of
+a GQA group). Every output element is written by exactly one program, in a fixed order: no
+atomics, deterministic by construction.
+
+The scores' gradient is ds = p * (dp - delta), delta = sum_j p_j dp_j (= rowsum(O * dO) in
+exact arithmetic). FlashAttention-2 (and so the default here, EXACT_DELTA off) takes delta =
+rowsum(O * dO). Where one key takes nearly all of a row's weight, dp_j - delta is a
+difference of nearly equal numbers, and delta must agree with the p and dp it is subtracted
+from to the last bits. rowsum(O * dO) does not: the stored O is rounded to the inputs' type,
+its P @ V product took p rounded to that type, and its sums ran in another order; on large
+inputs (values of +-9 at head dim 8) that gives 16-bit gradients of the wrong sign and
+float32 errors of 10%. With EXACT_DELTA the dQ kernel first loops over the keys once more
+to form delta from its own p and dp, as delta0 + sum_j p_j (dp_j - delta0) / sum_j p_j
+(delta0 is only the shift that keeps the sum's terms small; dividing by sum_j p_j rather
+than 1 keeps delta right when the rounding of the stored lse scales all of a row's p alike),
+and writes it for the dK/dV kernel, which then runs after it. The price: Q K^T and dO V^T
+twice in the dQ kernel, +2 S (E + Ev) FLOPs per query row (2/7 more matmul work in the
+backward), and K and V read once more.
 
 Layouts: q, o, do (Z, H, L, *), k, v (Z, HK, S, *), mask (Z, H, L, S), each read
 through its own strides (broadcast dims have stride 0); query head h reads key
-head h // G. lse and delta are dense (Z * H, L), in base 2 for lse.
+head h // G. lse and the deltas are dense (Z * H, L), in base 2 for lse.
 """
 
 import triton
@@ -208,7 +223,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     o_ptr,  # (Z, H, L, EV)
     do_ptr,  # (Z, H, L, EV)
-    delta_ptr,  # (Z * H, L) output: rowsum(o * do)
+    delta_ptr,  # (Z * H, L) output: rowsum(o * do), the dQ kernel's shift for delta
     H, L, EV,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_dz, stride_dh, stride_dm, stride_dk,
@@ -278,7 +293,7 @@ def _attn_bwd_dkdv_kernel(
     mask_ptr,  # (Z, H, L, S), read when MASK != "none"
     do_ptr,  # (Z, H, L, EV)
     lse_ptr,  # (Z * H, L) from the forward
-    delta_ptr,  # (Z * H, L) from the preprocess kernel
+    delta_ptr,  # (Z * H, L) from the dQ kernel
     dk_ptr,  # (Z, HK, S, E) output
     dv_ptr,  # (Z, HK, S, EV) output
     qk_scale, sm_scale, dropout_p, dropout_scale, seed,
@@ -350,6 +365,51 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(q, do, lse, k_base, v_base, mask_base, offs_m, offs_n, zh,
+             qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+             stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
+             MASK: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(k, p, dp) for query rows offs_m and keys offs_n: the key tile (BLOCK_N, BLOCK_D), the
+    probabilities p = exp2(s - lse) and dp = dO V^T with dropout applied (BLOCK_M, BLOCK_N)."""
+    acc_ty = acc_type(k_base.dtype.element_ty)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_base, offs_n[:, None], offs_d[None, :], stride_kn, stride_kk, S, E)
+    vT = _load_tile(v_base, offs_dv[:, None], offs_n[None, :], stride_vk, stride_vn, EV, S)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+    # Keys past S must be masked: exp2(0 - lse) can overflow, and inf * (k = 0) is NaN
+    s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
+                MASK, CAUSAL_MASK, BOUND_MASK)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+    if DROPOUT:
+        keep = _dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    return k, p, dp
+
+
+@triton.jit
+def _attn_bwd_delta_inner(corr, mass, q, do, lse, delta0, k_base, v_base, mask_base, offs_m, zh, lo, hi,
+                          qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+                          stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
+                          MASK: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The row sums corr += sum_j p_j (dp_j - delta0) and mass += sum_j p_j over keys [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        _, p, dp = _dq_tile(q, do, lse, k_base, v_base, mask_base, offs_m, offs_n, zh,
+                            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+                            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                            BLOCK_D, BLOCK_DV, CAUSAL_MASK, BOUND_MASK, MASK, DROPOUT, INPUT_PRECISION)
+        corr += tl.sum(p * (dp - delta0[:, None]), 1)
+        mass += tl.sum(p, 1)
+    return corr, mass
+
+
+@triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, lo, hi,
                        qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
                        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
@@ -358,21 +418,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_b
                        MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     acc_ty = dq.dtype  # acc_type of q's element type, set where the kernel made the accumulator
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n[:, None], offs_d[None, :], stride_kn, stride_kk, S, E)
-        vT = _load_tile(v_base, offs_dv[:, None], offs_n[None, :], stride_vk, stride_vn, EV, S)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=acc_ty)
-        # Keys past S must be masked: exp2(0 - lse) can overflow, and inf * (k = 0) is NaN
-        s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
-                    MASK, CAUSAL_MASK, BOUND_MASK)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
-        if DROPOUT:
-            keep = _dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, mask_base, offs_m, offs_n, zh,
+                            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+                            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                            BLOCK_D, BLOCK_DV, CAUSAL_MASK, BOUND_MASK, MASK, DROPOUT, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:  # d loss / d additive mask = ds
             tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :].to(tl.int64) * stride_dmn,
@@ -390,8 +441,9 @@ def _attn_bwd_dq_kernel(
     mask_ptr,  # (Z, H, L, S), read when MASK != "none"
     do_ptr,  # (Z, H, L, EV)
     lse_ptr,  # (Z * H, L)
-    delta_ptr,  # (Z * H, L)
-    dq_ptr,  # (Z, H, L, E) output
+    delta0_ptr,  # (Z * H, L) from the preprocess kernel: rowsum(O * dO)
+    delta_ptr,  # (Z * H, L) output when EXACT_DELTA: delta from this kernel's p and dp, for dK/dV
+    dq_ptr,  # (Z, H, L, E) output when DQ
     dmask_ptr,  # (Z, H, L, S) output when MASK_GRAD: the additive mask's gradient, unreduced
     qk_scale, sm_scale, dropout_p, dropout_scale, seed,
     H, G, L, S, E, EV,
@@ -406,6 +458,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DQ: tl.constexpr,  # the second pass (dQ, and the mask's gradient); else delta only
+    EXACT_DELTA: tl.constexpr,  # the first pass: delta from this kernel's p and dp; else delta = delta0
     INPUT_PRECISION: tl.constexpr,
 ):
     acc_ty = acc_type(q_ptr.dtype.element_ty)
@@ -419,27 +473,50 @@ def _attn_bwd_dq_kernel(
     do = _load_tile(do_ptr + z * stride_doz + h * stride_doh, offs_m[:, None], offs_dv[None, :],
                     stride_dom, stride_dok, L, EV)
     lse = tl.load(lse_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    delta0 = tl.load(delta0_ptr + zh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = k_ptr + z * stride_kz + hk * stride_kh
     v_base = v_ptr + z * stride_vz + hk * stride_vh
     mask_base = mask_ptr + z * stride_mz + h * stride_mh
-    dmask_base = dmask_ptr + z * stride_dmz + h * stride_dmh
-    dq = tl.zeros((BLOCK_M, BLOCK_D), acc_ty)
     free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, 0, free,
-        qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, free, hi,
-        qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(dq_ptr + z * stride_dqz + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
-             + offs_d[None, :] * stride_dqk,
-             cast_to(dq, dq_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < E))
+
+    if EXACT_DELTA:
+        # First pass: delta from the p and dp the gradients are made of (see the module's doc).
+        # A row with nothing to attend to has mass 0 (p = 0 everywhere) and keeps delta0.
+        corr = tl.zeros((BLOCK_M,), acc_ty)
+        mass = tl.zeros((BLOCK_M,), acc_ty)
+        corr, mass = _attn_bwd_delta_inner(
+            corr, mass, q, do, lse, delta0, k_base, v_base, mask_base, offs_m, zh, 0, free,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, INPUT_PRECISION)
+        corr, mass = _attn_bwd_delta_inner(
+            corr, mass, q, do, lse, delta0, k_base, v_base, mask_base, offs_m, zh, free, hi,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+            BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, INPUT_PRECISION)
+        has_mass = mass > 0.0
+        delta = delta0 + tl.where(has_mass, corr / tl.where(has_mass, mass, 1.0), 0.0)
+        tl.store(delta_ptr + zh.to(tl.int64) * L + offs_m, delta, mask=m_ok)
+    else:  # FlashAttention-2's delta: rowsum(O * dO) from the stored output
+        delta = delta0
+
+    if DQ:
+        dmask_base = dmask_ptr + z * stride_dmz + h * stride_dmh
+        dq = tl.zeros((BLOCK_M, BLOCK_D), acc_ty)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, 0, free,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, mask_base, dmask_base, offs_m, zh, free, hi,
+            qk_scale, dropout_p, dropout_scale, seed, L, S, E, EV,
+            stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn, stride_dmm, stride_dmn,
+            BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, MASK_GRAD, INPUT_PRECISION)
+        dq = dq * sm_scale
+        tl.store(dq_ptr + z * stride_dqz + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+                 + offs_d[None, :] * stride_dqk,
+                 cast_to(dq, dq_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < E))
 
 
 # --------------------------------------------------------------------------- dropout mask, for tests

@@ -8,10 +8,17 @@ A drop-in for torch.nn.functional.scaled_dot_product_attention. Semantics kept f
 - dropout_p <= 0 means no dropout, dropout_p > 1 raises, dropout_p == 1 gives zeros;
 - the mask is bool (True takes part) or additive float (float32 or the query's dtype),
   broadcast to (..., L, S) and read through stride-0 strides, never expanded in memory;
-- an additive mask that requires grad gets its gradient (d loss / d scores).
+- an additive mask that requires grad gets its gradient (d loss / d scores);
+- zero-size inputs: with no query rows or an empty value (S = 0 included), torch's early
+  answer (zeros shaped by the query, see `_nothing_to_attend`); with E = 0 every score is 0,
+  so each row averages the values it may attend.
 
 The backward is deterministic: every gradient element is written by one program that sums
-its terms in a fixed order (dK/dV of a GQA key head loop over the group's query heads).
+its terms in a fixed order (dK/dV of a GQA key head loop over the group's query heads). Its
+delta = sum_j p_j dp_j is FlashAttention-2's rowsum(O * dO) by default; with
+TRITONOPS_ATTENTION_EXACT_DELTA=1 it is formed from the backward's own p and dp (a first
+pass of the dQ kernel over the keys, 2/7 more matmul work in the backward), which keeps the
+gradients right where one key takes nearly all of a row's weight: see kernels/attention.py.
 
 Configs come from four Tuners (forward, backward dK/dV, backward dQ, backward preprocess);
 the op is the custom op tritonops::attention, its backward tritonops::attention_backward,
@@ -19,6 +26,7 @@ so torch.compile keeps both in one graph.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +49,18 @@ from ._common import check_same, dot_input_precision, padded_dim, use_reference
 
 LOG2E = 1.4426950408889634
 
+EXACT_DELTA_VARIABLE = "TRITONOPS_ATTENTION_EXACT_DELTA"
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("", "0", "false", "off", "no")
+
+
+def exact_delta_enabled() -> bool:
+    """Whether the backward forms delta from its own p and dp ($TRITONOPS_ATTENTION_EXACT_DELTA,
+    read at each backward; off by default: it costs 2/7 more matmul work in the backward)."""
+    value = os.environ.get(EXACT_DELTA_VARIABLE, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{EXACT_DELTA_VARIABLE}={os.environ[EXACT_DELTA_VARIABLE]!r}; expected 1 or 0")
+
 
 # --------------------------------------------------------------------------- launchers
 
@@ -62,6 +82,17 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scales(scale: float | None, E: int) -> tuple[float, float]:
+    """(qk_scale, sm_scale): scale * log2(e) for the kernels' base-2 scores, and scale itself
+    (default 1 / sqrt(E)). With E = 0 every score is an empty sum, 0 whatever the scale, as in
+    torch (it scales q and k before their product): qk_scale 0, never 0 * inf; sm_scale only
+    scales dq and dk, which are empty then."""
+    if E == 0:
+        return 0.0, 0.0
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    return scale * LOG2E, scale
+
+
 def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                          causal: bool = False, scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
                          config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,17 +106,17 @@ def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    qk_scale, _ = _scales(scale, E)
     o = runtime.new_output((Z, H, L, EV), q.dtype, q.device)
     lse = runtime.new_output((Z * H, L), _lse_dtype(q.dtype), q.device)
-    if o.numel() == 0:
+    if lse.numel() == 0:  # no query rows (with Ev = 0 there are: the backward needs their lse)
         return o, lse
     mask_t, mask_strides, mask_kind = _mask_args(mask, q)
     cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0))
     grid = (Z * H * triton.cdiv(L, cfg["BLOCK_M"]),)
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, o, lse,
-        scale * LOG2E, dropout_p, _dropout_scale(dropout_p), seed,
+        qk_scale, dropout_p, _dropout_scale(dropout_p), seed,
         H, H // HK, L, S, E, EV,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *o.stride(),
         BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV),
@@ -96,7 +127,8 @@ def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 
 def launch_attention_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, config: Config | None = None) -> torch.Tensor:
-    """delta = rowsum(o * do), (Z * H, L) in the lse's dtype, for o and do (Z, H, L, Ev), any strides."""
+    """delta0 = rowsum(o * do), (Z * H, L) in the lse's dtype, for o and do (Z, H, L, Ev), any
+    strides: the shift the dQ kernel forms delta around (`launch_attention_bwd_dq`)."""
     Z, H, L, EV = o.shape
     delta = runtime.new_output((Z * H, L), _lse_dtype(o.dtype), o.device)
     if delta.numel() == 0:
@@ -111,9 +143,8 @@ def launch_attention_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, config: C
 def _bwd_launch_args(q, k, v, mask, causal, scale, dropout_p, seed):
     """(mask pointer, mask strides, mask kind, scalar args, constexpr kwargs) the backward kernels share."""
     E, EV = q.shape[3], v.shape[3]
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
     mask_t, mask_strides, mask_kind = _mask_args(mask, q)
-    scalars = (scale * LOG2E, scale, dropout_p, _dropout_scale(dropout_p), seed)
+    scalars = (*_scales(scale, E), dropout_p, _dropout_scale(dropout_p), seed)
     constexprs = dict(BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV), CAUSAL=causal, MASK=mask_kind,
                       DROPOUT=dropout_p > 0, INPUT_PRECISION=dot_input_precision(q.dtype))
     return mask_t, mask_strides, mask_kind, scalars, constexprs
@@ -124,7 +155,8 @@ def launch_attention_bwd_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
                               config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dv): one program per BLOCK_N keys of a key head, looping over query rows (and the
-    query heads of its GQA group). Shapes as in `launch_attention_fwd`."""
+    query heads of its GQA group). Shapes as in `launch_attention_fwd`; `delta` as
+    `launch_attention_bwd_dq` returns it."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
     dk = runtime.new_output(k.shape, k.dtype, k.device)
@@ -144,49 +176,63 @@ def launch_attention_bwd_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 
 def launch_attention_bwd_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor | None, lse: torch.Tensor, delta: torch.Tensor, causal: bool = False,
+                            mask: torch.Tensor | None, lse: torch.Tensor, delta0: torch.Tensor, causal: bool = False,
                             scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
-                            mask_grad: bool = False, config: Config | None = None,
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dq, dmask): one program per BLOCK_M query rows, looping over keys; dmask, the additive
-    mask's gradient (Z, H, L, S) unreduced, when `mask_grad` (else None)."""
+                            mask_grad: bool = False, config: Config | None = None, need_dq: bool = True,
+                            exact_delta: bool = True,
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(dq, dmask, delta): one program per BLOCK_M query rows, looping over keys.
+
+    With `exact_delta`, a first pass forms delta = sum_j p_j dp_j / sum_j p_j (Z * H, L)
+    around `delta0` (the preprocess's rowsum(o * do)), for the dK/dV kernel; else delta is
+    `delta0`. The second pass computes dq (None unless `need_dq` or `mask_grad`) and dmask,
+    the additive mask's gradient (Z, H, L, S) unreduced, when `mask_grad` (else None)."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    dq = runtime.new_output(q.shape, q.dtype, q.device)
+    second_pass = need_dq or mask_grad
+    dq = runtime.new_output(q.shape, q.dtype, q.device) if second_pass else None
     dmask = runtime.new_output((Z, H, L, S), mask.dtype, q.device) if mask_grad else None
-    if dq.numel() == 0 and (dmask is None or dmask.numel() == 0):
-        return dq, dmask
+    delta = runtime.new_output((Z * H, L), _lse_dtype(q.dtype), q.device) if exact_delta else delta0
+    if delta.numel() == 0 or not (exact_delta or second_pass):  # no query rows, or nothing to compute
+        return dq, dmask, delta
     mask_t, mask_strides, mask_kind, scalars, constexprs = _bwd_launch_args(q, k, v, mask, causal, scale,
                                                                             dropout_p, seed)
     cfg = config or ATTENTION_BWD_DQ_TUNER.select(
         attention_dq_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0, mask_grad))
     _attn_bwd_dq_kernel[(Z * H * triton.cdiv(L, cfg["BLOCK_M"]),)](
-        q, k, v, mask_t, do, lse, delta, dq, dmask if dmask is not None else dq, *scalars,
+        q, k, v, mask_t, do, lse, delta0, delta, dq if dq is not None else delta,
+        dmask if dmask is not None else delta, *scalars,
         H, H // HK, L, S, E, EV,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride(), *dq.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride(),
+        *(dq.stride() if dq is not None else (0, 0, 0, 0)),
         *(dmask.stride() if dmask is not None else (0, 0, 0, 0)),
-        MASK_GRAD=dmask is not None, **constexprs, **cfg.launch_kwargs())
-    return dq, dmask
+        MASK_GRAD=dmask is not None, DQ=second_pass, EXACT_DELTA=exact_delta, **constexprs, **cfg.launch_kwargs())
+    return dq, dmask, delta
 
 
 def launch_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
                          causal: bool = False, scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
                          mask_grad: bool = False, dkdv_config: Config | None = None,
-                         dq_config: Config | None = None, need_dq: bool = True, need_dkdv: bool = True):
+                         dq_config: Config | None = None, need_dq: bool = True, need_dkdv: bool = True,
+                         exact_delta: bool | None = None):
     """dq, dk, dv (and the additive mask's gradient, (Z, H, L, S) unreduced, when `mask_grad`)
     from do (Z, H, L, Ev) and the forward's o and lse; shapes as in `launch_attention_fwd`.
 
-    Three launches: delta = rowsum(o * do); dK/dV per key block (skipped unless `need_dkdv`:
-    dk, dv None); dQ per query block (skipped unless `need_dq` or `mask_grad`: dq None).
+    Three launches: delta0 = rowsum(o * do); dQ per query block (skipped unless `need_dq` or
+    `mask_grad`: dq None), which with `exact_delta` (None: `exact_delta_enabled()`) first forms the
+    delta the dK/dV kernel reads (then it runs for that alone); dK/dV per key block (skipped
+    unless `need_dkdv`: dk, dv None).
     """
-    delta = launch_attention_bwd_preprocess(o, do)
-    args = (do, q, k, v, mask, lse, delta, causal, scale, dropout_p, seed)
-    dk = dv = dq = dmask = None
+    exact = exact_delta_enabled() if exact_delta is None else exact_delta
+    delta0 = launch_attention_bwd_preprocess(o, do)
+    dq, dmask, delta = launch_attention_bwd_dq(do, q, k, v, mask, lse, delta0, causal, scale, dropout_p, seed,
+                                               mask_grad=mask_grad, config=dq_config, need_dq=need_dq,
+                                               exact_delta=exact)
+    dk = dv = None
     if need_dkdv:
-        dk, dv = launch_attention_bwd_dkdv(*args, config=dkdv_config)
-    if need_dq or mask_grad:
-        dq, dmask = launch_attention_bwd_dq(*args, mask_grad=mask_grad, config=dq_config)
+        dk, dv = launch_attention_bwd_dkdv(do, q, k, v, mask, lse, delta, causal, scale, dropout_p, seed,
+                                           config=dkdv_config)
     return (dq if need_dq else None), dk, dv, dmask
 
 
@@ -281,6 +327,8 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, enable_gq
 def _sum_to(grad: torch.Tensor, batch: tuple, rep: int, like: torch.Tensor) -> torch.Tensor:
     """A (Z, H, n, d) gradient of the canonical operand summed back to the input `like`:
     over the GQA repeat of its heads (rep > 1), then over its broadcast dims."""
+    if rep == 0:  # no query heads (GQA with H = 0): nothing reached key or value
+        return grad.new_zeros(like.shape)
     g = grad.view(*batch, *grad.shape[-2:])
     if rep > 1:
         g = g.view(*batch[:-1], batch[-1] // rep, rep, *g.shape[-2:]).sum(-3)
@@ -350,6 +398,16 @@ attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 # --------------------------------------------------------------------------- public op
 
 
+def _nothing_to_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """torch's answer when there are no query rows or value is empty (torch 2.13 returns it
+    after the dtype, device and rank checks, before any shape check): zeros of query's shape
+    with value's last dim, key's and value's batch dims not broadcast in, plus
+    (sum(query) + sum(key) + sum(value)) * 0, so query, key and value get zero gradients, the
+    mask none, and a NaN or inf anywhere in them makes every element NaN."""
+    zero = (query.sum() + key.sum() + value.sum()) * 0
+    return torch.zeros((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device) + zero
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
@@ -371,8 +429,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
             raise RuntimeError(
                 "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
                 f"{attn_mask.dtype} and query.dtype: {dtype} instead.")
-        if is_causal:
-            raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    if query.shape[-2] == 0 or value.numel() == 0:
+        return _nothing_to_attend(query, key, value)
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if dropout_p > 1.0:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     L, E = query.shape[-2:]
@@ -385,16 +445,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         if min(query.dim(), key.dim(), value.dim()) < 3:
             raise IndexError("tritonops.attention: enable_gqa needs a head dim (-3) on query, key and value")
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+        if hk == 0 or hq % hk or hq % hv:  # hk = 0 (hv = 0 returned above): torch 2.13 dies of SIGFPE
             raise RuntimeError("Number of heads in key and value must divide the number of heads in query "
                                f"(query {hq}, key {hk}, value {hv})")
     batch = _batch_shape(query, key, value, enable_gqa)  # raises for batch dims that do not broadcast
     if attn_mask is not None and tuple(torch.broadcast_shapes(attn_mask.shape, (*batch, L, S))) != (*batch, L, S):
         raise RuntimeError(f"tritonops.attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
                            f"to {(*batch, L, S)}")
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 0.0  # E = 0: unused (_scales)
     dropout_p = float(dropout_p) if dropout_p > 0 else 0.0
-    if use_reference("attention", device) or E == 0 or EV == 0:
+    if use_reference("attention", device):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if max(E, EV) > MAX_HEAD_DIM:

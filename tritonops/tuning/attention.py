@@ -51,7 +51,7 @@ class AttentionDqKey(NamedTuple):
 
 
 class AttentionPreprocessKey(NamedTuple):
-    """A problem of the backward's preprocess, delta = rowsum(O * dO)."""
+    """A problem of the backward's preprocess, delta0 = rowsum(O * dO)."""
 
     D: int  # Ev padded to a power of two
     dtype: str
@@ -150,7 +150,8 @@ def attention_bwd_dkdv_config(key: AttentionKey) -> Config:
 
 def attention_bwd_dq_config(key: AttentionDqKey) -> Config:
     """dQ default for an attention_dq_key: BLOCK_M query rows per program (dQ accumulator in
-    registers), stepping BLOCK_N keys.
+    registers), stepping BLOCK_N keys, twice (the first pass forms delta: the same tiles and
+    scores, two row sums in place of the dQ accumulator).
 
     The mirror of the dK/dV tiles (Triton FA2 tutorial: BLOCK_M2 = 128, BLOCK_N2 = 32):
     head dim <= 64 (128, 32, 4 warps, 3 stages), <= 128 (128, 32, 8 warps, 2 stages),
@@ -165,7 +166,7 @@ def attention_bwd_dq_config(key: AttentionDqKey) -> Config:
 
 
 def attention_bwd_preprocess_config(key: AttentionPreprocessKey) -> Config:
-    """delta = rowsum(O * dO), for an attention_preprocess_key: memory-bound; 64 rows
+    """delta0 = rowsum(O * dO), for an attention_preprocess_key: memory-bound; 64 rows
     (fewer for a short L, 16 for a head wider than 128), 4 warps, no pipeline."""
     bm = 16 if key.D > 128 else 64
     return Config({"BLOCK_M": _prune(bm, key.L)}, num_warps=4, num_stages=1)
@@ -314,7 +315,8 @@ def _runner(key: AttentionKey):
 
 
 def _bwd_inputs(key: AttentionKey | AttentionDqKey) -> dict:
-    """_inputs plus what the backward kernels read: o, lse (default forward), a random dO, delta."""
+    """_inputs plus what the backward kernels read: o, lse (default forward), a random dO, and
+    the preprocess's delta0 (which the dQ kernel reads)."""
     from ..ops.attention import launch_attention_bwd_preprocess, launch_attention_fwd
 
     a = _inputs(key)
@@ -323,32 +325,41 @@ def _bwd_inputs(key: AttentionKey | AttentionDqKey) -> dict:
                                   a["seed"], config=attention_config(key))
     do = torch.randn_like(o)
     pkey = attention_preprocess_key(o.shape[-1], o.shape[-2], o.dtype)
-    delta = launch_attention_bwd_preprocess(o, do, config=attention_bwd_preprocess_config(pkey))
-    return {**a, "do": do, "lse": lse, "delta": delta}
+    delta0 = launch_attention_bwd_preprocess(o, do, config=attention_bwd_preprocess_config(pkey))
+    return {**a, "do": do, "lse": lse, "delta0": delta0}
 
 
-def _bwd_args(a: dict) -> tuple:
-    return (a["do"], a["q"], a["k"], a["v"], a["mask"], a["lse"], a["delta"], a["causal"], a["scale"],
+def _bwd_args(a: dict, delta: torch.Tensor) -> tuple:
+    return (a["do"], a["q"], a["k"], a["v"], a["mask"], a["lse"], delta, a["causal"], a["scale"],
             a["dropout_p"], a["seed"])
 
 
 def _dkdv_runner(key: AttentionKey):
-    """A dK/dV launch on the default forward's statistics and a random dO; returns (dk, dv)."""
-    from ..ops.attention import launch_attention_bwd_dkdv
+    """A dK/dV launch on the default forward's statistics, a random dO and the delta the
+    default dQ config forms from them; returns (dk, dv)."""
+    from ..ops.attention import exact_delta_enabled, launch_attention_bwd_dkdv, launch_attention_bwd_dq
 
-    args = _bwd_args(_bwd_inputs(key))
+    a = _bwd_inputs(key)
+    dq_key = attention_dq_key(key.D, key.D, key.L, key.S, key.dtype, key.causal, key.mask, key.dropout)
+    _, _, delta = launch_attention_bwd_dq(*_bwd_args(a, a["delta0"]), config=attention_bwd_dq_config(dq_key),
+                                         need_dq=False, exact_delta=exact_delta_enabled())
+    args = _bwd_args(a, delta)
     return lambda config: launch_attention_bwd_dkdv(*args, config=config)
 
 
 def _dq_runner(key: AttentionDqKey):
-    """A dQ launch (and the mask gradient, when the key has it); returns (dq,) or (dq, dmask)."""
-    from ..ops.attention import launch_attention_bwd_dq
+    """A dQ launch (and the mask gradient, when the key has it); returns (dq, delta) or
+    (dq, dmask, delta)."""
+    from ..ops.attention import exact_delta_enabled, launch_attention_bwd_dq
 
-    args = _bwd_args(_bwd_inputs(key))
+    a = _bwd_inputs(key)
+    args = _bwd_args(a, a["delta0"])
+    exact = exact_delta_enabled()  # timed as the backward will run it
 
     def launch(config: Config):
-        dq, dmask = launch_attention_bwd_dq(*args, mask_grad=key.mask_grad, config=config)
-        return (dq, dmask) if key.mask_grad else (dq,)
+        dq, dmask, delta = launch_attention_bwd_dq(*args, mask_grad=key.mask_grad, config=config,
+                                                   exact_delta=exact)
+        return (dq, dmask, delta) if key.mask_grad else (dq, delta)
 
     return launch
 
