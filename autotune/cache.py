@@ -15,8 +15,10 @@ config's values mean is checked by the tuner against its Space (tuner.py).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -33,9 +35,10 @@ FORMAT = "autotune-cache-1"
 BUNDLE_FORMAT = "autotune-bundle-1"
 
 
-# A fingerprint or identity names a directory or file: a plain name, never a path
-# ("..", separators, absolute) that would lead a write outside the cache root.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+# A fingerprint or identity names a directory or file: a plain name, never a path that would
+# lead a write outside the cache root: no separators (/ \\ and a drive's :), no control
+# characters, no leading dot (".", "..", hidden files), no "..", at most 200 characters.
+SAFE_NAME = re.compile(r"[^./\\:\x00-\x1f\x7f][^/\\:\x00-\x1f\x7f]{0,199}")
 
 _warned: set = set()
 
@@ -52,7 +55,7 @@ def warn_once(what: Any, message: str) -> None:
 def check_name(text: Any, what: str) -> str:
     """`text` if it is a plain file name (see SAFE_NAME), else ValueError."""
     if not isinstance(text, str) or not SAFE_NAME.fullmatch(text) or ".." in text:
-        raise ValueError(f"{what} {text!r} is not a plain name (letters, digits, '_', '.', '-')")
+        raise ValueError(f"{what} {text!r} is not a plain name (no separators, no leading dot, no '..')")
     return text
 
 
@@ -65,15 +68,26 @@ def encode_key(key: tuple) -> str:
     return json.dumps(list(key))
 
 
+def _key_value(value: Any) -> Any:
+    """A key field from JSON: a scalar, or a list of them (a tuple argument's value), as a tuple."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return tuple(_key_value(v) for v in value)
+    raise ValueError(f"a key field cannot be {type(value).__name__}")
+
+
 def decode_key(text: str) -> tuple:
-    """The key that encode_key wrote; ValueError for text that is not a JSON list of scalars."""
+    """The key that encode_key wrote; ValueError for text that is not a JSON list of scalars
+    (or of lists of them)."""
     try:
         values = json.loads(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"key {text!r} is not JSON") from None
-    if not isinstance(values, list) or not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
-        raise ValueError(f"key {text!r} is not a JSON list of numbers, strings and booleans")
-    return tuple(values)
+        if not isinstance(values, list):
+            raise ValueError("not a list")
+        return tuple(_key_value(v) for v in values)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"key {str(text)[:200]!r} is not a JSON list of numbers, strings and booleans "
+                         f"({str(e)[:100]})") from None
 
 
 def entry_problem(text: Any, entry: Any) -> str | None:
@@ -104,12 +118,22 @@ def timing_records(entry: dict) -> list[dict]:
         if isinstance(records, list) else []
 
 
-def entry_time(entry: dict) -> float:
-    """The winner's median time; an entry without one never beats one with one."""
-    try:
-        return float(entry["timing"]["p50"])
-    except (KeyError, TypeError, ValueError):
+def time_ms(value: Any) -> float:
+    """A stored time in ms when it is one (a finite, non-negative number), else inf: a time read
+    from disk (NaN, negative, a string, true) never beats a measured one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return float("inf")
+    try:
+        ms = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return float("inf")
+    return ms if math.isfinite(ms) and ms >= 0 else float("inf")
+
+
+def entry_time(entry: Any) -> float:
+    """The winner's median time; an entry without one never beats one with one."""
+    timing = entry.get("timing") if isinstance(entry, dict) else None
+    return time_ms(timing.get("p50")) if isinstance(timing, dict) else float("inf")
 
 
 def merge_entries(old: dict | None, new: dict) -> dict:
@@ -130,6 +154,7 @@ class KernelFile:
     def __init__(self, path: Path, header: dict):
         self.path = Path(path)
         self.header = dict(header)  # fingerprint, kernel, identity
+        self.written = 0  # mtime() of the file as the last update() left it
         self._lock = FileLock(str(self.path) + ".lock", timeout=120)
 
     def read(self) -> dict[str, dict]:
@@ -149,11 +174,14 @@ class KernelFile:
             return {}
         return well_formed(entries, self.path)
 
-    def mtime(self) -> float:
+    def mtime(self) -> tuple | int:
+        """What changes when the file is rewritten: its mtime and inode (every write renames a
+        new file over it, so two writes within the clock's resolution still differ); 0 if absent."""
         try:
-            return self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except OSError:
             return 0
+        return st.st_mtime_ns, st.st_ino
 
     def update(self, entries: dict[str, dict],
                valid: Callable[[str, dict], bool] | None = None) -> dict[str, dict]:
@@ -170,7 +198,9 @@ class KernelFile:
                 current[key] = merge_entries(old if old is None or valid is None or valid(key, old) else None,
                                              entry)
             _write_json_atomic(self.path, {"format": FORMAT, **self.header, "entries": current})
-            remove_temp_files(self.path)  # left by writers killed mid-write; the lock keeps live ones out
+            self.written = self.mtime()  # under the lock: the version these entries are
+            with contextlib.suppress(OSError):  # best effort: the write itself succeeded
+                remove_temp_files(self.path)  # left by writers killed mid-write; the lock keeps live ones out
         return current
 
     def to_dict(self) -> dict:
@@ -276,7 +306,8 @@ def _kernel_name(path: Path, read: bool = True) -> str:
     name less the "-<source hash>-v<version>" of the identity."""
     data = (_read_json(path, quiet=True) or {}) if read else {}
     name = data.get("kernel")
-    return name if isinstance(name, str) and SAFE_NAME.fullmatch(name) else path.stem.rsplit("-", 2)[0]
+    return name if isinstance(name, str) and SAFE_NAME.fullmatch(name) and ".." not in name \
+        else path.stem.rsplit("-", 2)[0]
 
 
 def _temp_target(tmp: Path) -> str:
@@ -347,6 +378,8 @@ def _read_json(path: Path, quiet: bool = False) -> dict | None:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+    except RecursionError:  # nested past Python's limit: not a file autotune wrote
+        data = None
     except FileNotFoundError:
         return None
     except NotADirectoryError:  # a parent is a file: nothing is stored there
@@ -354,8 +387,9 @@ def _read_json(path: Path, quiet: bool = False) -> dict | None:
     except OSError as e:
         if not quiet:
             warn_once(("unusable", str(path.parent.parent)),
-                      f"autotune: cache file {path} cannot be read ({e.strerror or e}); "
-                      f"its tuned configs are not used")
+                      f"autotune: the cache directory {path.parent.parent} cannot be read ({e.strerror or e}): "
+                      f"its tuned configs are not used, and configs tuned now are kept in memory if it "
+                      f"cannot be written either")
         return None
     except ValueError as e:
         if not quiet:

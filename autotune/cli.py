@@ -182,6 +182,8 @@ def _config_text(winner: dict) -> str:
 
 
 def cmd_show(args, cache) -> int:
+    from .cache import entry_time
+
     files = cache.files(kernel=args.kernel)
     if args.json:
         print(json.dumps([f.to_dict() for f in files], indent=1, sort_keys=True))
@@ -193,9 +195,8 @@ def cmd_show(args, cache) -> int:
         entries = f.read()
         print(f"{f.header['fingerprint']} / {f.header['identity']}: {len(entries)} key(s)")
         for key, entry in sorted(entries.items()):
-            win = _config_text(entry.get("winner", {}))
-            ms = entry.get("timing", {}).get("p50", float("nan"))
-            print(f"  {key:44s} {win:52s} {ms:9.4f} ms")
+            win = _config_text(entry["winner"])  # well formed: read() left out the others
+            print(f"  {key:44s} {win:52s} {entry_time(entry):9.4f} ms")
     return 0
 
 
@@ -322,18 +323,20 @@ def _entries(n: int) -> str:
 
 def cmd_import(args, cache) -> int:
     """Merge a bundle, every entry checked first: well formed, and for a kernel registered here
-    (same identity: the same code), valid for its tuner's space (device limits only for this
-    device's entries). Exit 1 when anything was skipped, 2 for a file that is not a bundle."""
+    (found by identity: the same code), valid for its tuner's space (the rules and limits only
+    for this device's entries: another device's are its own). Exit 1 when anything was skipped,
+    2 for a file that is not a bundle."""
     from .device import device_fingerprint
     from .registry import TUNERS
 
     here = device_fingerprint()
+    by_identity = {t.identity: t for t in TUNERS.values()}
 
     def check(f: dict, key: str, entry: dict) -> str | None:
-        tuner = TUNERS.get(f["kernel"])
-        if tuner is None or tuner.identity != f["identity"]:
+        tuner = by_identity.get(f["identity"])
+        if tuner is None:
             return None  # code not loaded here: checked for form only, and by its tuner when used
-        return tuner.entry_problem(key, entry, limits=True if f["fingerprint"] == here else None)
+        return tuner.entry_problem(key, entry, this_device=f["fingerprint"] == here)
 
     try:
         n, skipped = cache.import_bundle(args.file, check)

@@ -9,6 +9,10 @@ LAUNCH_FIELDS = ("num_warps", "num_stages")
 HOST_FIELD = "host"  # the key of the host parameters in to_dict(); never a meta-parameter name
 
 
+def _typed(values: Mapping[str, Any]) -> tuple:
+    return tuple((name, value, type(value).__name__) for name, value in sorted(values.items()))
+
+
 def _check_scalars(group: str, values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, float, str, bool)):
@@ -46,9 +50,9 @@ class Config:
         object.__setattr__(self, "num_warps", int(num_warps))
         object.__setattr__(self, "num_stages", int(num_stages))
         object.__setattr__(self, "_host", host)
-        # host last: configs without host parameters keep the order they always had
-        object.__setattr__(self, "_key", (tuple(sorted(meta.items())), self.num_warps, self.num_stages,
-                                          tuple(sorted(host.items()))))
+        # host last: configs without host parameters keep the order they always had. Each value
+        # with its type: 64, 64.0 and true are three configs (a kernel takes only one of them).
+        object.__setattr__(self, "_key", (_typed(meta), self.num_warps, self.num_stages, _typed(host)))
 
     def __setattr__(self, name, value):
         raise AttributeError("Config is immutable")

@@ -534,13 +534,14 @@ class Tuner:
         return config
 
     # ------------------------------------------------------------------ checking what is read
-    def entry_problem(self, text: str, entry: Any, limits: dict | None | bool = True) -> str | None:
+    def entry_problem(self, text: str, entry: Any, this_device: bool = True) -> str | None:
         """Why a stored entry (encoded key, entry) cannot be used by this tuner, or None.
 
         The entry must be well formed (cache.entry_problem), its key one of this kernel's
         (`make_key`), and its winner either the key's default or a config of the Space for the
-        key's problem within the device's limits (Space.check). limits: True for this device's,
-        None for none (an entry of another device), or a dict."""
+        key's problem within this device's limits (Space.check). For an entry of another device
+        (`this_device` False: an imported bundle's) only the names and values are checked: the
+        rules and limits are that device's."""
         why = entry_problem(text, entry)
         if why is not None:
             return why
@@ -552,7 +553,8 @@ class Tuner:
             problem = self.problem(key) if self.problem else None
         except Exception as e:  # noqa: BLE001 - default() or problem() cannot take the key's values
             return f"the key is not one of this kernel's ({type(e).__name__}: {e})"
-        return self.space.check(config, problem, _device.device_properties() if limits is True else limits)
+        return self.space.check(config, problem, _device.device_properties() if this_device else None,
+                                rules=this_device)
 
     def _checked(self, entries: dict[str, dict], origin: Any) -> dict[str, Stored]:
         """The entries this tuner can use, as Stored; each other one is one warning naming
@@ -576,7 +578,6 @@ class Tuner:
         f = self.kernel_file()
         try:
             entries = f.update({encode_key(key): entry}, valid=self._entry_is_valid)
-            mtime = f.mtime()
         except OSError as e:
             warn_once(("unusable", str(f.path.parent.parent)),
                       f"autotune: the cache directory {f.path.parent.parent} cannot be written "
@@ -584,7 +585,7 @@ class Tuner:
             self._valid_user()[encode_key(key)] = Stored(key, Config.from_dict(entry["winner"]), entry)
             self._user_mtime = f.mtime()  # kept until the file changes
             return
-        self._user, self._user_mtime = self._checked(entries, f.path), mtime
+        self._user, self._user_mtime = self._checked(entries, f.path), f.written
 
     # ------------------------------------------------------------------ files
     def fingerprint(self) -> str:
@@ -726,17 +727,23 @@ class Tuner:
 
     def _stored_timings(self, key: tuple) -> dict[Config, dict]:
         """Config -> its stored record for `key`, from the user cache, for records whose config is
-        one of the space's (a record read from disk is reused only then, never trusted blindly)."""
+        the key's default or one of the space's for the key (a record read from disk is reused
+        only then, never trusted blindly) and whose time, if it has one, is a time."""
         stored = self._valid_user().get(encode_key(key))
+        if not stored:
+            return {}
+        default = self.default(key)
+        problem = self.problem(key) if self.problem else None
+        limits = _device.device_properties()
         out = {}
-        for record in timing_records(stored.entry) if stored else ():
+        for record in timing_records(stored.entry):
             try:
                 config = Config.from_dict(record["config"])
-                p50 = record["timing"]["p50"] if "timing" in record else 0.0
-            except (TypeError, ValueError, KeyError):
+            except (TypeError, ValueError):
                 continue
-            timed = isinstance(p50, (int, float)) and not isinstance(p50, bool) and math.isfinite(p50) and p50 >= 0
-            if timed and self.space.check(config) is None:
+            if "timing" in record and entry_time(record) == float("inf"):
+                continue
+            if config == default or self.space.check(config, problem, limits) is None:
                 out[config] = record
         return out
 
