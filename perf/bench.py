@@ -563,6 +563,17 @@ def tuning_cache(path: str | None):
         yield str(root)
 
 
+def _attention_exact_delta() -> bool | str:
+    """The attention backward's delta mode ($TRITONOPS_ATTENTION_EXACT_DELTA): it changes the
+    backward's work, so every result records it."""
+    try:
+        from tritonops.ops.attention import exact_delta_enabled
+
+        return exact_delta_enabled()
+    except Exception as e:  # noqa: BLE001 - a result without the op still records why
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def run(args, gpu: bool, timer: Timer, cache_dir: str, argv: list) -> int:
     """Measure what `args` asks for into the results file; the rest of main."""
     info = device_info(gpu)
@@ -579,7 +590,8 @@ def run(args, gpu: bool, timer: Timer, cache_dir: str, argv: list) -> int:
         "run": {"preset": args.preset, "ops": args.ops, "modes": args.modes, "dtypes": args.dtypes,
                 "providers": args.providers or "per op", "tune_budget": args.tune_budget,
                 "tune_seconds": args.tune_seconds, "time_budget_s": args.time_budget, "timer": timer.describe(),
-                "argv": argv, "complete": False, "started": info["date"], "cache_dir": cache_dir},
+                "argv": argv, "complete": False, "started": info["date"], "cache_dir": cache_dir,
+                "attention_exact_delta": _attention_exact_delta()},
         "ceilings": {}, "ops": {}, "cases": [],
     }
     runner = Runner(args, gpu, timer, results, out)
