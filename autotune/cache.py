@@ -37,8 +37,9 @@ BUNDLE_FORMAT = "autotune-bundle-1"
 
 # A fingerprint or identity names a directory or file: a plain name, never a path that would
 # lead a write outside the cache root: no separators (/ \\ and a drive's :), no control
-# characters, no leading dot (".", "..", hidden files), no "..", at most 200 characters.
-SAFE_NAME = re.compile(r"[^./\\:\x00-\x1f\x7f][^/\\:\x00-\x1f\x7f]{0,199}")
+# characters or characters Windows refuses, no leading dot (".", "..", hidden files), no "..",
+# no trailing dot or space (Windows drops them: two names, one file), at most 200 UTF-8 bytes.
+SAFE_NAME = re.compile(r'[^./\\:<>"|?*\x00-\x1f\x7f]([^/\\:<>"|?*\x00-\x1f\x7f]*[^./\\:<>"|?*\x00-\x1f\x7f ])?')
 
 _warned: set = set()
 
@@ -54,9 +55,16 @@ def warn_once(what: Any, message: str) -> None:
 
 def check_name(text: Any, what: str) -> str:
     """`text` if it is a plain file name (see SAFE_NAME), else ValueError."""
-    if not isinstance(text, str) or not SAFE_NAME.fullmatch(text) or ".." in text:
+    if not isinstance(text, str) or not SAFE_NAME.fullmatch(text) or ".." in text or _utf8_len(text) > 200:
         raise ValueError(f"{what} {text!r} is not a plain name (no separators, no leading dot, no '..')")
     return text
+
+
+def _utf8_len(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no file name
+        return 1 << 30
 
 
 def default_cache_dir() -> Path:
@@ -77,14 +85,19 @@ def _key_value(value: Any) -> Any:
     raise ValueError(f"a key field cannot be {type(value).__name__}")
 
 
+def key_from_json(values: Any) -> tuple:
+    """A key from its JSON value (a list of scalars, or of lists of them), lists as tuples;
+    ValueError for anything else."""
+    if not isinstance(values, list):
+        raise ValueError(f"a key is a list, not {type(values).__name__}")
+    return tuple(_key_value(v) for v in values)
+
+
 def decode_key(text: str) -> tuple:
     """The key that encode_key wrote; ValueError for text that is not a JSON list of scalars
     (or of lists of them)."""
     try:
-        values = json.loads(text)
-        if not isinstance(values, list):
-            raise ValueError("not a list")
-        return tuple(_key_value(v) for v in values)
+        return key_from_json(json.loads(text))
     except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"key {str(text)[:200]!r} is not a JSON list of numbers, strings and booleans "
                          f"({str(e)[:100]})") from None
@@ -270,7 +283,10 @@ class CacheDir:
                     skipped.append(f"{f['fingerprint']}/{f['identity']} key {key}: {why}")
             if entries:
                 keep = (lambda k, e: check(f, k, e) is None) if check is not None else None
-                self.kernel_file(f["fingerprint"], f["kernel"], f["identity"]).update(entries, keep)
+                # the kernel's name from its identity, never the bundle's own field: a renamed
+                # one would rename the file's kernel for show, export and clear --kernel
+                kernel = f["identity"].rsplit("-", 2)[0]
+                self.kernel_file(f["fingerprint"], kernel, f["identity"]).update(entries, keep)
                 count += len(entries)
         return count, skipped
 

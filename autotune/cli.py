@@ -40,6 +40,7 @@ def _parse_shapes(text: str, dims: str) -> list[tuple]:
 
 def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
     """(kernel, key) pairs of a trace (recorded with $AUTOTUNE_RECORD), first occurrence order, no repeats."""
+    from .cache import key_from_json
     from .registry import TUNERS
 
     jobs = {}
@@ -49,8 +50,8 @@ def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
                 continue
             try:
                 item = json.loads(line)
-                kernel, key = item["kernel"], tuple(item["key"])
-            except (ValueError, KeyError, TypeError):
+                kernel, key = item["kernel"], key_from_json(item["key"])
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise SystemExit(f"autotune: {path}:{n}: not a trace line: {line.strip()[:80]!r}") from None
             if kernel not in TUNERS:
                 raise SystemExit(f"autotune: {path}:{n}: unknown kernel {kernel!r}; known: {sorted(TUNERS)}")

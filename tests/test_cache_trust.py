@@ -266,6 +266,14 @@ def test_a_bundle_cannot_write_outside_the_cache(tmp_path, monkeypatch, capsys, 
         CacheDir(cache).kernel_file(*(["../x", "k", "id"] if field == "fingerprint" else ["fp", "k", "/abs"]))
 
 
+@pytest.mark.parametrize("name", ["a" * 201, "\u00e9" * 101, "\ud800", "gpu.", "gpu ", "a<b", "a|b", "a?b", "C:x",
+                                  "a\\b", ".x", "a..b", "a\nb", ""])
+def test_names_that_are_no_plain_file_name(name):
+    with pytest.raises(ValueError, match="plain name"):
+        CacheDir("/nonexistent").kernel_file(name, "k", "id")
+    assert CacheDir("/nonexistent").kernel_file("nvidia-h100-80gb-hbm3-sm90-triton3.6", "k", "my kernel-1-v1")
+
+
 # --------------------------------------------------------------------------- unusable cache directories
 
 
@@ -390,9 +398,12 @@ def test_import_checks_another_devices_entries_by_names_and_values_only(tmp_path
 
 
 def test_import_finds_the_tuner_by_identity_not_by_the_kernel_field(tmp_path, monkeypatch, capsys):
-    renamed = _matmul_file({encode_key(KEY): {"winner": _winner(BLOCK_M=-1)}}, kernel="not-matmul")
+    renamed = _matmul_file({encode_key(KEY): {"winner": _winner(BLOCK_M=-1)},
+                            encode_key(KEY._replace(M=64)): {"winner": GOOD}}, kernel="not-matmul")
     code, out = _cli(monkeypatch, capsys, tmp_path / "cache", "import", str(_bundle(tmp_path, [renamed])))
     assert code == 1 and "BLOCK_M = -1" in out
+    # the file keeps the kernel's own name: show, export and clear --kernel still find it
+    assert [f.header["kernel"] for f in CacheDir(tmp_path / "cache").files(kernel="matmul")] == ["matmul"]
 
 
 def test_show_and_lookups_survive_odd_values(tmp_path, monkeypatch, capsys):
@@ -419,3 +430,17 @@ def test_names_with_spaces_and_keys_with_tuples(tmp_path):
         warnings.simplefilter("error")
         assert again.select(key) == Config({"B": 1}, num_warps=4, num_stages=1)
         assert again.sources[key] == "user-cache"
+
+
+def test_a_trace_key_with_a_tuple_field(tmp_path, monkeypatch):
+    from autotune.registry import TUNERS
+
+    tuner = make_tuner(tmp_path)
+    monkeypatch.setitem(TUNERS, tuner.name, tuner)
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"kernel": tuner.name, "key": [8, [2, 3]]}) + "\n"
+                     + json.dumps({"kernel": tuner.name, "key": [8, [2, 3]]}) + "\n")
+    assert cli._jobs_from_trace(str(trace)) == [(tuner.name, (8, (2, 3)))]
+    trace.write_text(json.dumps({"kernel": tuner.name, "key": [8, {"x": 1}]}) + "\n")
+    with pytest.raises(SystemExit, match="not a trace line"):
+        cli._jobs_from_trace(str(trace))

@@ -179,16 +179,17 @@ def launch_attention_bwd_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                             mask: torch.Tensor | None, lse: torch.Tensor, delta0: torch.Tensor, causal: bool = False,
                             scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
                             mask_grad: bool = False, config: Config | None = None, need_dq: bool = True,
-                            exact_delta: bool = True,
+                            exact_delta: bool | None = None,
                             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dmask, delta): one program per BLOCK_M query rows, looping over keys.
 
-    With `exact_delta`, a first pass forms delta = sum_j p_j dp_j / sum_j p_j (Z * H, L)
+    With `exact_delta` (None: `exact_delta_enabled()`), a first pass forms delta = sum_j p_j dp_j / sum_j p_j (Z * H, L)
     around `delta0` (the preprocess's rowsum(o * do)), for the dK/dV kernel; else delta is
     `delta0`. The second pass computes dq (None unless `need_dq` or `mask_grad`) and dmask,
     the additive mask's gradient (Z, H, L, S) unreduced, when `mask_grad` (else None)."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    exact_delta = exact_delta_enabled() if exact_delta is None else exact_delta
     second_pass = need_dq or mask_grad
     dq = runtime.new_output(q.shape, q.dtype, q.device) if second_pass else None
     dmask = runtime.new_output((Z, H, L, S), mask.dtype, q.device) if mask_grad else None
