@@ -53,9 +53,14 @@ def warn_once(what: Any, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def is_plain_name(text: Any) -> bool:
+    """`text` is a plain file name (see SAFE_NAME)."""
+    return isinstance(text, str) and bool(SAFE_NAME.fullmatch(text)) and ".." not in text and _utf8_len(text) <= 200
+
+
 def check_name(text: Any, what: str) -> str:
     """`text` if it is a plain file name (see SAFE_NAME), else ValueError."""
-    if not isinstance(text, str) or not SAFE_NAME.fullmatch(text) or ".." in text or _utf8_len(text) > 200:
+    if not is_plain_name(text):
         raise ValueError(f"{what} {text!r} is not a plain name (no separators, no leading dot, no '..')")
     return text
 
@@ -65,6 +70,11 @@ def _utf8_len(text: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate: no file name
         return 1 << 30
+
+
+def identity_kernel(identity: str) -> str:
+    """The kernel name of an identity, "<kernel>-<source hash>-v<space version>" (Tuner.identity)."""
+    return identity.rsplit("-", 2)[0]
 
 
 def default_cache_dir() -> Path:
@@ -285,7 +295,7 @@ class CacheDir:
                 keep = (lambda k, e: check(f, k, e) is None) if check is not None else None
                 # the kernel's name from its identity, never the bundle's own field: a renamed
                 # one would rename the file's kernel for show, export and clear --kernel
-                kernel = f["identity"].rsplit("-", 2)[0]
+                kernel = identity_kernel(f["identity"])
                 self.kernel_file(f["fingerprint"], kernel, f["identity"]).update(entries, keep)
                 count += len(entries)
         return count, skipped
@@ -322,8 +332,7 @@ def _kernel_name(path: Path, read: bool = True) -> str:
     name less the "-<source hash>-v<version>" of the identity."""
     data = (_read_json(path, quiet=True) or {}) if read else {}
     name = data.get("kernel")
-    return name if isinstance(name, str) and SAFE_NAME.fullmatch(name) and ".." not in name \
-        else path.stem.rsplit("-", 2)[0]
+    return name if is_plain_name(name) else identity_kernel(path.stem)
 
 
 def _temp_target(tmp: Path) -> str:

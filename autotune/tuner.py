@@ -546,13 +546,18 @@ class Tuner:
         if why is not None:
             return why
         try:
-            key = self.make_key(decode_key(text))
-            config = Config.from_dict(entry["winner"])
-            if config == self.default(key):
-                return None
-            problem = self.problem(key) if self.problem else None
+            return self.config_problem(self.make_key(decode_key(text)), Config.from_dict(entry["winner"]),
+                                       this_device)
         except Exception as e:  # noqa: BLE001 - default() or problem() cannot take the key's values
             return f"the key is not one of this kernel's ({type(e).__name__}: {e})"
+
+    def config_problem(self, key: tuple, config: Config, this_device: bool = True) -> str | None:
+        """Why `config` cannot serve `key`, or None: it is the key's default, or a config of the
+        Space for the key's problem (Space.check), within this device's limits and rules unless
+        `this_device` is False (then names and values only: see entry_problem)."""
+        if config == self.default(key):
+            return None
+        problem = self.problem(key) if self.problem else None
         return self.space.check(config, problem, _device.device_properties() if this_device else None,
                                 rules=this_device)
 
@@ -657,13 +662,8 @@ class Tuner:
                     break
             else:
                 ranked.append((dist, enc, stored.config))
-        if not ranked:
-            return None
-        default = self.default(key)
-        problem = self.problem(key) if self.problem else None
-        limits = _device.device_properties()
         for _, _, config in sorted(ranked, key=lambda r: r[:2]):
-            if config == default or self.space.check(config, problem, limits) is None:
+            if self.config_problem(key, config) is None:
                 return config
         return None
 
@@ -730,20 +730,15 @@ class Tuner:
         the key's default or one of the space's for the key (a record read from disk is reused
         only then, never trusted blindly) and whose time, if it has one, is a time."""
         stored = self._valid_user().get(encode_key(key))
-        if not stored:
-            return {}
-        default = self.default(key)
-        problem = self.problem(key) if self.problem else None
-        limits = _device.device_properties()
         out = {}
-        for record in timing_records(stored.entry):
+        for record in timing_records(stored.entry) if stored else ():
             try:
                 config = Config.from_dict(record["config"])
             except (TypeError, ValueError):
                 continue
             if "timing" in record and entry_time(record) == float("inf"):
                 continue
-            if config == default or self.space.check(config, problem, limits) is None:
+            if self.config_problem(key, config) is None:
                 out[config] = record
         return out
 
