@@ -331,20 +331,24 @@ def _opcheck_rms_norm(shape, norm_shape, with_weight):
     return Opcheck(f"fwd-{list(shape)}-{'weight' if with_weight else 'none'}", norm_ops.rms_norm_op, args)
 
 
-def _opcheck_layer_norm_backward(need):
+def _opcheck_layer_norm_backward(need, x_dtype=torch.float32):
+    """x in x_dtype, weight and bias float32 (torch's mixed dtype for a 16-bit x)."""
     def args(d):
         x, w, b = _norm_args((2, 3, 20), (3, 20), "weight_bias", d)
+        x = x.to(x_dtype)
         _, mean, rstd = norm_ops.layer_norm_op(x, [3, 20], w, b, 1e-5)
-        return (randn(2, 3, 20, device=d), x, [3, 20], w, mean, rstd, *need)
-    return Opcheck(f"bwd-need{_bits(need)}", norm_ops.layer_norm_backward_op, args)
+        return (randn(2, 3, 20, device=d).to(x_dtype), x, [3, 20], w, mean, rstd, *need, w.dtype)
+    return Opcheck(f"bwd-need{_bits(need)}-{x_dtype}", norm_ops.layer_norm_backward_op, args)
 
 
-def _opcheck_rms_norm_backward(with_weight, need):
+def _opcheck_rms_norm_backward(with_weight, need, x_dtype=torch.float32):
+    """x in x_dtype, the weight float32."""
     def args(d):
         x, w, _ = _norm_args((2, 3, 20), (20,), "weight" if with_weight else "none", d)
+        x = x.to(x_dtype)
         _, rstd = norm_ops.rms_norm_op(x, [20], w, 1e-6)
-        return (randn(2, 3, 20, device=d), x, [20], w, rstd, *need)
-    return Opcheck(f"bwd-{'weight' if with_weight else 'none'}-need{_bits(need)}",
+        return (randn(2, 3, 20, device=d).to(x_dtype), x, [20], w, rstd, *need)
+    return Opcheck(f"bwd-{'weight' if with_weight else 'none'}-need{_bits(need)}-{x_dtype}",
                    norm_ops.rms_norm_backward_op, args)
 
 
@@ -398,7 +402,8 @@ LAYER_NORM = Op(
     opchecks=[*(_opcheck_layer_norm(s, n, a) for s, n in [((7, 33), (33,)), ((2, 3, 20), (3, 20)), ((0, 8), (8,))]
                 for a in AFFINE),
               *(_opcheck_layer_norm_backward(n) for n in [(True, True, True), (True, False, False),
-                                                          (False, True, False)])],
+                                                          (False, True, False)]),
+              _opcheck_layer_norm_backward((True, True, True), torch.bfloat16)],
     tuners=NORM_TUNERS,
     spaces=_norm_spaces(False),
     tune=Tune("8x40", {"norm": ['[64, 8, "float32", false, true]'],
@@ -414,7 +419,8 @@ RMS_NORM = Op(
     opchecks=[*(_opcheck_rms_norm(s, n, w) for s, n in [((7, 33), (33,)), ((2, 3, 20), (3, 20))]
                 for w in (True, False)),
               _opcheck_rms_norm_backward(False, (True, False)), _opcheck_rms_norm_backward(True, (True, True)),
-              _opcheck_rms_norm_backward(True, (False, True))],
+              _opcheck_rms_norm_backward(True, (False, True)),
+              _opcheck_rms_norm_backward(True, (True, True), torch.bfloat16)],
     tuners=NORM_TUNERS,
     spaces=_norm_spaces(True),
     tune=Tune("8x40", {"norm": ['[64, 8, "float32", true, true]'],

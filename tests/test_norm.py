@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +240,62 @@ def test_only_the_asked_grads(device):
     x64, w64 = x.double(), w.detach().double().requires_grad_()
     testing.assert_close(gw, torch.autograd.grad(F.layer_norm(x64, (16,), w64, b.double()).sum(), w64)[0],
                            torch.autograd.grad(F.layer_norm(x, (16,), w, b).sum(), w)[0])
+
+
+# --------------------------------------------------------------------------- parameters of another dtype
+
+
+def _mixed_run(fn, x, params, dtypes):
+    """fn's output and gradients with x and each parameter cast to its dtype in `dtypes`."""
+    leaves = [t.detach().to(dt).requires_grad_() for t, dt in zip([x, *params], dtypes)]
+    out = fn(leaves[0], *leaves[1:])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return out, torch.autograd.grad(out, leaves, g.to(device=out.device, dtype=out.dtype))
+
+
+@pytest.mark.parametrize("op,dtypes", [
+    ("layer_norm", (torch.bfloat16, torch.float32, torch.float32)),  # torch's mixed-dtype layer_norm
+    ("layer_norm", (torch.float16, torch.float32, torch.float32)),
+    ("rms_norm", (torch.bfloat16, torch.float32)),  # a model's fp32 norm weight on a bf16 activation
+    ("rms_norm", (torch.float32, torch.bfloat16)),
+    ("rms_norm", (torch.float16, torch.bfloat16)),
+    ("rms_norm", (torch.float64, torch.float32)),
+])
+@pytest.mark.parametrize("looped", [False, True])
+def test_norm_parameters_of_another_dtype(device, monkeypatch, op, dtypes, looped):
+    """As torch: the output in input's dtype, each gradient in its tensor's dtype, values held
+    to float64 with torch's error at the input's precision as the bar."""
+    if looped:
+        small_chunks(monkeypatch, block_n=16)
+    x = randn(6, 2, 37, device=device) * 2 + 0.5
+    params = [randn(37, device=device) for _ in dtypes[1:]]
+    ours, theirs = (layer_norm, F.layer_norm) if op == "layer_norm" else (rms_norm, F.rms_norm)
+
+    def call(fn):
+        return (lambda x, w: fn(x, (37,), w, 1e-5)) if op == "rms_norm" else (lambda x, w, b: fn(x, (37,), w, b))
+
+    out, grads = _mixed_run(call(ours), x, params, dtypes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "Mismatch dtype ... fused implementation"
+        torch_out, torch_grads = _mixed_run(call(theirs), x, params, dtypes)
+    ref_out, ref_grads = _mixed_run(call(theirs), x, params, [torch.float64] * len(dtypes))
+    assert out.dtype == torch_out.dtype == dtypes[0]
+    testing.assert_close(out, ref_out, torch_out, what="output")
+    for i, (g, t, r) in enumerate(zip(grads, torch_grads, ref_grads, strict=True)):
+        assert g.dtype == t.dtype, f"grad {i}: {g.dtype}, torch's {t.dtype}"
+        testing.assert_close(g, r, t, dtype=dtypes[0], what=f"grad of input {i}")
+
+
+def test_layer_norm_parameter_dtypes_torch_refuses(device):
+    """layer_norm takes float32 parameters only for a 16-bit input, and both of one dtype."""
+    x16, x32 = randn(3, 4, dtype=torch.bfloat16, device=device), randn(3, 4, device=device)
+    w, b = randn(4, device=device), randn(4, device=device)
+    for args in [(x32, w.bfloat16(), b.bfloat16()), (x16, w, b.bfloat16()), (x16, w.bfloat16(), b),
+                 (x16.half(), w.bfloat16(), None), (x32.double(), w, b)]:
+        with pytest.raises(RuntimeError):
+            F.layer_norm(args[0], (4,), *args[1:])
+        with pytest.raises(RuntimeError, match="dtype"):
+            layer_norm(args[0], (4,), *args[1:])
 
 
 # --------------------------------------------------------------------------- errors, configs

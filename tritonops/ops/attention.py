@@ -45,6 +45,7 @@ from ..kernels.attention import (
 from ..tuning.attention import (ATTENTION_BWD_DKDV_TUNER, ATTENTION_BWD_DQ_TUNER, ATTENTION_BWD_PREPROCESS_TUNER,
                                 ATTENTION_TUNER, MAX_HEAD_DIM, attention_dq_key, attention_key,
                                 attention_preprocess_key)
+from ._autocast import autocast_inputs
 from ._common import check_same, dot_input_precision, padded_dim, use_reference
 
 LOG2E = 1.4426950408889634
@@ -416,8 +417,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
 
     query (..., L, E), key (..., S, E), value (..., S, Ev), leading dims broadcast; with
     enable_gqa, dim -3 holds the heads and key/value may have fewer (dividing query's).
-    Head dims up to 256; float16, bfloat16, float32 (float64 under the interpreter).
+    Head dims up to 256; float16, bfloat16, float32 (float64 under the interpreter). Under
+    torch.autocast it runs in the autocast dtype (a float mask cast too), as torch's does.
     """
+    query, key, value, attn_mask = autocast_inputs("attention", query, key, value, attn_mask)
     dtype, device = check_same("attention", {"query": query, "key": key, "value": value})
     if min(query.dim(), key.dim(), value.dim()) < 2:
         raise RuntimeError(

@@ -11,6 +11,7 @@ from .. import reference, runtime
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
 from ..tuning.matmul import MATMUL_TUNER, matmul_key
 from ..tuning.rows import epilogue_tile_config
+from ._autocast import autocast_inputs
 from ._common import check_same, dot_input_precision, use_reference
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -257,7 +258,9 @@ linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides."""
+    """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides.
+    Under torch.autocast it runs in the autocast dtype, as torch's does."""
+    input, other = autocast_inputs("matmul", input, other)
     dtype, device = check_same("matmul", {"input": input, "other": other})
     if input.dim() == 0 or other.dim() == 0:
         raise RuntimeError(
@@ -275,9 +278,11 @@ def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
     """F.linear on a Triton kernel, with `activation` (None, "relu", "gelu", "gelu_tanh",
-    "silu") and the bias applied in the matmul's epilogue: one kernel, one pass."""
+    "silu") and the bias applied in the matmul's epilogue: one kernel, one pass. Under
+    torch.autocast it runs in the autocast dtype, as torch's does."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"tritonops.linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    input, weight, bias = autocast_inputs("linear", input, weight, bias)
     dtype, device = check_same("linear", {"input": input, "weight": weight, "bias": bias})
     if input.dim() == 0:
         raise RuntimeError("tritonops.linear: input must be at least 1-D")

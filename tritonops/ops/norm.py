@@ -13,7 +13,8 @@ from autotune import Config
 from .. import runtime
 from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel
 from ..tuning.norm import NORM_BWD_TUNER, NORM_TUNER, norm_bwd_key, norm_key
-from ._common import check_same, use_reference
+from ._autocast import autocast_inputs
+from ._common import check_float, check_same, use_reference
 
 
 # --------------------------------------------------------------------------- launchers
@@ -59,11 +60,13 @@ def launch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 
 def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-                    rstd: torch.Tensor, weight_grad: bool, bias_grad: bool, config: Config | None = None):
+                    rstd: torch.Tensor, weight_grad: bool, bias_grad: bool, config: Config | None = None,
+                    param_dtype: torch.dtype | None = None):
     """(dx, dweight, dbias) from dy and x (M, N), any strides; dweight / dbias None unless asked.
 
     Weight and bias gradients are reduced in two stages: per-program column sums
     (fp32, or fp64) in the kernel, then a torch sum over programs: deterministic.
+    They are written in `param_dtype` (default x's: the weight's and bias's dtype).
     `config` overrides the tuner's choice.
     """
     M, N = x.shape
@@ -90,8 +93,9 @@ def launch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
             ONE_PASS=one_pass, RMS=mean is None, HAS_WEIGHT=weight is not None,
             WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, **cfg.launch_kwargs(),
         )
-    dw = dw_part.sum(0).to(x.dtype) if weight_grad else None
-    db = db_part.sum(0).to(x.dtype) if bias_grad else None
+    param_dtype = param_dtype or x.dtype
+    dw = dw_part.sum(0).to(param_dtype) if weight_grad else None
+    db = db_part.sum(0).to(param_dtype) if bias_grad else None
     return dx, dw, db
 
 
@@ -146,63 +150,75 @@ def _(input, normalized_shape, weight, eps):
     return _norm_fwd_fake(input, normalized_shape, rms=True)
 
 
-def _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias):
+def _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias, param_dtype):
     M, N = _rows_cols(input, normalized_shape)
     dx, dw, db = launch_norm_bwd(grad.reshape(M, N), input.reshape(M, N),
                                  weight.reshape(N) if weight is not None else None, mean, rstd,
-                                 need_weight, need_bias)
+                                 need_weight, need_bias, param_dtype=param_dtype)
     empty = grad.new_empty  # a fresh one for each: outputs of a custom op may not alias each other
     return (dx.view(input.shape) if need_input else empty(0),
             dw.view(normalized_shape) if need_weight else empty(0),
             db.view(normalized_shape) if need_bias else empty(0))
 
 
-def _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias):
+def _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias, param_dtype):
     empty = grad.new_empty
     return (input.new_empty(input.shape) if need_input else empty(0),
-            input.new_empty(normalized_shape) if need_weight else empty(0),
-            input.new_empty(normalized_shape) if need_bias else empty(0))
+            input.new_empty(normalized_shape, dtype=param_dtype) if need_weight else empty(0),
+            input.new_empty(normalized_shape, dtype=param_dtype) if need_bias else empty(0))
 
 
 @torch.library.custom_op("tritonops::layer_norm_backward", mutates_args=())
 def layer_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, normalized_shape: list[int],
                            weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, need_input: bool,
-                           need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d input, d weight, d bias) of layer_norm; an empty tensor for a gradient not asked for."""
-    return _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias)
+                           need_weight: bool, need_bias: bool, param_dtype: torch.dtype,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d input, d weight, d bias) of layer_norm, the last two in `param_dtype` (weight's and
+    bias's: input's, or float32 for a 16-bit input); an empty tensor for a gradient not asked for."""
+    return _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias,
+                     param_dtype)
 
 
 @layer_norm_backward_op.register_fake
-def _(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias):
-    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias)
+def _(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias, param_dtype):
+    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, need_bias, param_dtype)
 
 
 @torch.library.custom_op("tritonops::rms_norm_backward", mutates_args=())
 def rms_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, normalized_shape: list[int],
                          weight: torch.Tensor | None, rstd: torch.Tensor, need_input: bool,
                          need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d input, d weight) of rms_norm; an empty tensor for a gradient not asked for."""
-    return _norm_bwd(grad, input, normalized_shape, weight, None, rstd, need_input, need_weight, False)[:2]
+    """(d input, d weight) of rms_norm, d weight in weight's dtype; an empty tensor for a gradient
+    not asked for."""
+    return _norm_bwd(grad, input, normalized_shape, weight, None, rstd, need_input, need_weight, False,
+                     _param_dtype(input, weight))[:2]
 
 
 @rms_norm_backward_op.register_fake
 def _(grad, input, normalized_shape, weight, rstd, need_input, need_weight):
-    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, False)[:2]
+    return _norm_bwd_fake(grad, input, normalized_shape, need_input, need_weight, False,
+                          _param_dtype(input, weight))[:2]
+
+
+def _param_dtype(input: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
+    """The dtype of a norm's weight and bias (one dtype when both are given), else input's."""
+    return next((p.dtype for p in params if p is not None), input.dtype)
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    input, normalized_shape, weight, _, _ = inputs
+    input, normalized_shape, weight, bias, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(input, weight, mean, rstd)
     ctx.normalized_shape = normalized_shape
+    ctx.param_dtype = _param_dtype(input, weight, bias)
 
 
 def _layer_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
     input, weight, mean, rstd = ctx.saved_tensors
     need_input, _, need_weight, need_bias = ctx.needs_input_grad[:4]
     dx, dw, db = layer_norm_backward_op(grad, input, ctx.normalized_shape, weight, mean, rstd,
-                                        need_input, need_weight, need_bias)
+                                        need_input, need_weight, need_bias, ctx.param_dtype)
     return (dx if need_input else None), None, (dw if need_weight else None), (db if need_bias else None), None
 
 
@@ -266,11 +282,38 @@ def _check_shapes(input, shape: tuple[int, ...], weight, bias) -> None:
                            f"[*, {', '.join(map(str, shape))}], but got input of size{list(input.shape)}")
 
 
+def _check_params(op: str, input: torch.Tensor, params: dict[str, torch.Tensor | None]) -> torch.device:
+    """input and the given weight / bias are floating and on one device; returns that device.
+
+    Parameter dtypes follow torch: rms_norm takes a weight of any floating dtype (computed
+    with it, output in input's dtype); layer_norm takes parameters of input's dtype, or
+    float32 ones (both, when both are given) for a float16 / bfloat16 input."""
+    _, device = check_same(op, {"input": input})
+    for name, p in params.items():
+        if p is None:
+            continue
+        check_float(op, name, p)
+        if p.device != device:
+            raise RuntimeError(f"tritonops.{op}: expected all tensors on one device, but input is on {device} "
+                               f"and {name} is on {p.device}")
+    given = {name: p.dtype for name, p in params.items() if p is not None}
+    if op == "layer_norm" and any(dt != input.dtype for dt in given.values()):
+        mixed_ok = input.dtype in (torch.float16, torch.bfloat16) and all(dt == torch.float32 for dt in given.values())
+        if not mixed_ok:
+            shown = ", ".join(f"{name} {dt}" for name, dt in given.items())
+            raise RuntimeError(f"tritonops.layer_norm: expected weight and bias of input's dtype ({input.dtype}), or "
+                               f"float32 ones for a float16 / bfloat16 input (mixed dtype), but got {shown}")
+    return device
+
+
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """F.layer_norm on Triton kernels: statistics in fp32 (fp64 for float64), output in input's dtype."""
+    """F.layer_norm on Triton kernels: statistics in fp32 (fp64 for float64), output in input's
+    dtype; weight and bias of input's dtype, or float32 for a 16-bit input. Under
+    torch.autocast on CUDA it runs in float32, as torch's does."""
     shape = _normalized_shape("layer_norm", normalized_shape)  # first, as torch's argument parser
-    _, device = check_same("layer_norm", {"input": input, "weight": weight, "bias": bias})
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
+    device = _check_params("layer_norm", input, {"weight": weight, "bias": bias})
     _check_shapes(input, shape, weight, bias)
     if use_reference("layer_norm", device):
         return F.layer_norm(input, shape, weight, bias, eps)
@@ -280,9 +323,12 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
 def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
              eps: float | None = None) -> torch.Tensor:
     """F.rms_norm on Triton kernels. eps=None is, as in torch, the machine epsilon of the
-    compute type: float32's for float16 / bfloat16 / float32 inputs, float64's for float64."""
+    compute type: float32's for float16 / bfloat16 / float32 inputs, float64's for float64.
+    The weight may have another floating dtype than input (output in input's dtype). Under
+    torch.autocast on CUDA it runs in float32, as torch's does."""
     shape = _normalized_shape("rms_norm", normalized_shape)  # first, as torch's argument parser
-    _, device = check_same("rms_norm", {"input": input, "weight": weight})
+    input, weight = autocast_inputs("rms_norm", input, weight)
+    device = _check_params("rms_norm", input, {"weight": weight})
     _check_shapes(input, shape, weight, None)
     if use_reference("rms_norm", device):
         return F.rms_norm(input, shape, weight, eps)

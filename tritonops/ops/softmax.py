@@ -11,6 +11,7 @@ from autotune import Config
 from .. import runtime
 from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
 from ..tuning.softmax import SOFTMAX_BWD_TUNER, SOFTMAX_TUNER, softmax_key
+from ._autocast import autocast_dtype, autocast_eligible
 from ._common import FLOAT_DTYPES, check_same, unsupported_dtype, use_reference
 
 
@@ -213,6 +214,10 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: torch.dtype | None, 
             raise TypeError(f"tritonops.{op}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
         if dtype not in FLOAT_DTYPES:
             raise unsupported_dtype(op, "the requested output", dtype)
+    elif autocast_dtype(op, input) is not None and autocast_eligible(input, input.device.type):
+        # torch's autocast (CUDA) runs softmax with dtype=float32 when none is given
+        dtype = torch.float32
+    if dtype is not None:
         if isinstance(input, torch.Tensor) and (not input.is_floating_point() or input.dtype not in _WIDER[dtype]):
             # torch casts first; the kernel fuses only exact (widening) casts, so narrowing ones happen here.
             input = input.to(dtype)
@@ -225,7 +230,8 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: torch.dtype | None, 
 
 def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.softmax on a Triton kernel: any rank and dim, any strides. `dtype` casts the input
-    first; a widening cast is fused (read in the input's dtype, written in `dtype`)."""
+    first; a widening cast is fused (read in the input's dtype, written in `dtype`). Under
+    torch.autocast on CUDA it writes float32 unless `dtype` is given, as torch's does."""
     return _softmax("softmax", input, dim, dtype, log=False)
 
 
