@@ -1,5 +1,6 @@
 """tritonops.nn.Linear, and patch()/unpatch() on a small GPT-style model (and on
-transformers' Llama and GPT-2, randomly initialised, when that package is installed)."""
+transformers' Llama and GPT-2, randomly initialised, when that package is installed).
+Thread isolation of the routed attention is in test_routing.py."""
 
 import copy
 
@@ -10,8 +11,11 @@ from torch import nn
 
 import tritonops
 from tritonops import reference, testing
+from tritonops.ops import norm as norm_ops
 
 from .utils import check_op
+
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's builtin, never rebound
 
 
 # --------------------------------------------------------------------------- nn.Linear
@@ -91,11 +95,23 @@ def _compare_to_unpatched(unpatched, patched, idx, targets):
         testing.assert_close(g, ref_grads[name], torch_grads[name], what=f"grad of {name}")
 
 
+def _tiny_gpt_replaced():
+    """patch's report on TinyGPT: every module it swaps, in named_modules order."""
+    def block(i, norm):
+        return [(f"blocks.{i}.ln1", norm, f"tritonops.nn.{norm}"), (f"blocks.{i}.ln2", norm, f"tritonops.nn.{norm}")] + [
+            (f"blocks.{i}.{name}", "Linear", "tritonops.nn.Linear") for name in ("qkv", "proj", "fc", "out")]
+
+    return block(0, "LayerNorm") + block(1, "RMSNorm") + [
+        ("norm", "LayerNorm", "tritonops.nn.LayerNorm"), ("head", "Linear", "tritonops.nn.Linear"),
+        ("log_probs", "LogSoftmax", "tritonops.nn.LogSoftmax")]
+
+
 def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
     model = TinyGPT().to(device)
     state_keys = model.state_dict().keys()
     before = {n: type(m) for n, m in model.named_modules()}
     report = tritonops.patch(model)
+    assert report.replaced == _tiny_gpt_replaced()
     assert report.counts() == {"Linear": 9, "LayerNorm": 3, "RMSNorm": 2, "LogSoftmax": 1}
     assert report.attention_routed and "scaled_dot_product_attention" in str(report)
     assert isinstance(model.blocks[0].qkv, tritonops.nn.Linear) and model.state_dict().keys() == state_keys
@@ -114,7 +130,7 @@ def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
     finally:
         attention_ops.attention = attention
     assert len(calls) == 2  # one attention call per block went to tritonops
-    assert F.scaled_dot_product_attention is tritonops.patching._torch_sdpa  # restored after forward
+    assert F.scaled_dot_product_attention is TORCH_SDPA
 
     twin = copy.deepcopy(model)  # a copy of a patched model runs its own weights
     with torch.no_grad():
@@ -125,6 +141,7 @@ def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
     tritonops.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert "forward" not in model.__dict__
+    assert not any("activation" in m.__dict__ for m in model.modules())
     with pytest.raises(RuntimeError, match="not patched"):
         tritonops.unpatch(model)
 
@@ -132,12 +149,79 @@ def test_patch_gpt_matches_unpatched_and_unpatch_restores(device):
 def test_patch_only_some_ops(device):
     model = TinyGPT().to(device)
     report = tritonops.patch(model, ops=["linear"])
-    assert report.counts() == {"Linear": 9} and not report.attention_routed
+    assert report.replaced == [r for r in _tiny_gpt_replaced() if r[1] == "Linear"] and not report.attention_routed
+    assert "forward" not in model.__dict__
     with pytest.raises(RuntimeError, match="patched already"):
         tritonops.patch(model)
     tritonops.unpatch(model)
+    report = tritonops.patch(model, ops=["rms_norm", "attention"])
+    assert report.counts() == {"RMSNorm": 2} and report.attention_routed
+    tritonops.unpatch(model)
     with pytest.raises(ValueError, match="unknown ops"):
         tritonops.patch(model, ops=["conv"])
+
+
+# --------------------------------------------------------------------------- a norm class of a library's own
+
+
+class ToyRMSNorm(nn.Module):
+    """A norm as transformers writes one (LlamaRMSNorm's arithmetic): a class of its own."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+class OurToyRMSNorm(ToyRMSNorm):
+    """What tritonops.huggingface.norm_class gives for such a class: its subclass on rms_norm."""
+
+    def forward(self, x):
+        return norm_ops.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def test_patch_swaps_the_norm_classes_huggingface_knows(device, monkeypatch):
+    from tritonops import huggingface
+
+    asked = []
+
+    def norm_class(cls):
+        asked.append(cls)
+        return OurToyRMSNorm if cls is ToyRMSNorm else None
+
+    monkeypatch.setattr(huggingface, "norm_class", norm_class)
+    model = nn.Sequential(nn.Linear(13, 13), ToyRMSNorm(13), nn.LayerNorm(13), nn.Sequential(ToyRMSNorm(13))).to(device)
+    unpatched = copy.deepcopy(model)
+    report = tritonops.patch(model, ops=["linear", "rms_norm"])
+    ours = f"{OurToyRMSNorm.__module__}.OurToyRMSNorm"
+    assert report.replaced == [("0", "Linear", "tritonops.nn.Linear"), ("1", "ToyRMSNorm", ours),
+                               ("3.0", "ToyRMSNorm", ours)]
+    assert report.counts() == {"Linear": 1, "ToyRMSNorm": 2} and "2 x ToyRMSNorm" in str(report)
+    assert asked == [nn.Sequential, ToyRMSNorm, nn.Sequential, ToyRMSNorm]  # never a class patch handles
+    assert type(model[1]) is OurToyRMSNorm and type(model[2]) is nn.LayerNorm
+
+    calls = []
+    rms_norm = norm_ops.rms_norm
+    monkeypatch.setattr(norm_ops, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    x = torch.randn(2, 5, 13, device=device)
+    with torch.no_grad():
+        out, ref, torch_out = model(x), copy.deepcopy(unpatched).double()(x.double()), unpatched(x)
+    testing.assert_close(out, ref, torch_out)
+    assert len(calls) == 2
+
+    twin = copy.deepcopy(model)
+    assert type(twin[1]) is OurToyRMSNorm and twin[1].weight is not model[1].weight
+    tritonops.unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in unpatched.modules()]
+    assert not any("activation" in m.__dict__ for m in model.modules())
+
+    asked.clear()
+    report = tritonops.patch(model, ops=["linear", "layer_norm", "attention"])
+    assert asked == [] and report.counts() == {"Linear": 1, "LayerNorm": 1}
 
 
 # --------------------------------------------------------------------------- transformers, when installed
@@ -158,10 +242,37 @@ def test_patch_transformers_models(device, family):
         model = transformers.GPT2LMHeadModel(config)
     model = model.to(device)
     unpatched = copy.deepcopy(model)
+    before = [type(m) for m in model.modules()]
     report = tritonops.patch(model)
-    assert report.replaced, str(report)
-    ids = torch.randint(0, 64, (2, 9), device=device)
-    _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
+    if family == "llama":  # q, k, v, o, gate, up, down per layer and lm_head; two norms per layer and the last
+        from tritonops import huggingface
+
+        llama_norm = huggingface.norm_class(transformers.models.llama.modeling_llama.LlamaRMSNorm)
+        expected = {"Linear": ("tritonops.nn.Linear", 15),
+                    "LlamaRMSNorm": (f"{llama_norm.__module__}.{llama_norm.__qualname__}", 5)}
+    else:  # its projections are transformers' Conv1D: only lm_head is an nn.Linear; ln_1, ln_2 per layer and ln_f
+        expected = {"Linear": ("tritonops.nn.Linear", 1), "LayerNorm": ("tritonops.nn.LayerNorm", 5)}
+    assert report.counts() == {name: n for name, (_, n) in expected.items()}, str(report)
+    assert {(name, new) for _, name, new in report.replaced} == {(name, new) for name, (new, _) in expected.items()}
+
+    from tritonops.ops import attention as attention_ops
+
+    calls = []
+    attention = attention_ops.attention
+    attention_ops.attention = lambda *a, **k: calls.append(1) or attention(*a, **k)
+    try:
+        ids = torch.randint(0, 64, (2, 9), device=device)
+        _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
+    finally:
+        attention_ops.attention = attention
+    assert len(calls) == 2  # one per layer, through transformers' sdpa attention
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    twin = copy.deepcopy(model)  # a patched copy, which unpatches on its own
+    assert [type(m) for m in twin.modules()] == [type(m) for m in model.modules()]
+    tritonops.unpatch(twin)
+    assert [type(m) for m in twin.modules()] == before
+    tritonops.unpatch(model)
+    assert [type(m) for m in model.modules()] == before
 
 
 def test_compiled_patched_model_keeps_our_ops_in_one_graph(device):
@@ -182,5 +293,5 @@ def test_compiled_patched_model_keeps_our_ops_in_one_graph(device):
                "tritonops.attention"):
         assert any(op in t for t in ops), f"{op} missing from the compiled graph: {sorted(ops)}"
     assert not any("scaled_dot_product_attention" in t for t in ops)
-    assert F.scaled_dot_product_attention is tritonops.patching._torch_sdpa
+    assert F.scaled_dot_product_attention is TORCH_SDPA
     torch.testing.assert_close(out, model(idx), rtol=0, atol=0)
