@@ -152,3 +152,29 @@ def test_patched_model_under_autocast_trains_like_torch(device, low):
         g = grads[name]
         assert p.dtype == g.dtype == torch.float32 and torch.isfinite(g).all(), name
         testing.assert_close(g, ref_grads[name], torch_grads[name], dtype=low, what=f"grad of {name}")
+
+
+def _float32_policy(theirs, args, dtype_given):
+    """What CUDA's autocast does to softmax, log_softmax and the norms: eligible inputs cast to
+    float32 (softmax: dtype=float32 unless one is given), then torch's op."""
+    if dtype_given:
+        return theirs, args
+    cast = [a.float() if isinstance(a, torch.Tensor) and a.dtype != torch.float64 else a for a in args]
+    return theirs, cast
+
+
+@pytest.mark.parametrize("case", ["softmax", "softmax-fp32", "softmax-dtype", "log_softmax", "layer_norm",
+                                  "layer_norm-fp32", "rms_norm", "rms_norm-fp32"])
+def test_float32_policy_where_torch_lists_the_op(device, monkeypatch, case):
+    """The float32 policy (torch's on CUDA), run here by listing the ops for this device type
+    too: ours gives what torch gives on float32-cast inputs, dtypes and values alike."""
+    for op in ("softmax", "log_softmax", "layer_norm", "rms_norm"):
+        monkeypatch.setitem(_autocast._APPLIES, (op, device.type), _autocast.FLOAT32)
+    ours, theirs, args = _cases(device, torch.bfloat16)[case]
+    theirs, torch_args = _float32_policy(theirs, args, case == "softmax-dtype")
+    out, grads = _run(ours, args, torch.bfloat16, device)
+    torch_out, _ = _run(theirs, torch_args, None, device)
+    ref_out, _ = _run(theirs, [a.double() if isinstance(a, torch.Tensor) else a for a in args], None, device)
+    assert out.dtype == torch_out.dtype == (torch.bfloat16 if case == "softmax-dtype" else torch.float32)
+    testing.assert_close(out, ref_out, torch_out, what="output")
+    assert [g.dtype for g in grads] == [a.dtype for a in args if isinstance(a, torch.Tensor)]

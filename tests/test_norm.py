@@ -279,11 +279,31 @@ def test_norm_parameters_of_another_dtype(device, monkeypatch, op, dtypes, loope
         warnings.simplefilter("ignore", UserWarning)  # torch's "Mismatch dtype ... fused implementation"
         torch_out, torch_grads = _mixed_run(call(theirs), x, params, dtypes)
     ref_out, ref_grads = _mixed_run(call(theirs), x, params, [torch.float64] * len(dtypes))
-    assert out.dtype == torch_out.dtype == dtypes[0]
+    assert out.dtype == torch_out.dtype  # input's in torch 2.13; see the test below for a torch that promotes
     testing.assert_close(out, ref_out, torch_out, what="output")
     for i, (g, t, r) in enumerate(zip(grads, torch_grads, ref_grads, strict=True)):
         assert g.dtype == t.dtype, f"grad {i}: {g.dtype}, torch's {t.dtype}"
         testing.assert_close(g, r, t, dtype=dtypes[0], what=f"grad of input {i}")
+
+
+def test_rms_norm_follows_a_torch_that_promotes_with_the_weight(device, monkeypatch):
+    """Where torch's rms_norm returns promote_types(input, weight) for a weight of another dtype
+    (an older composite), ours does too: output, gradient dtypes and values, forward and fake."""
+    monkeypatch.setattr(norm_ops, "_RMS_NORM_PROMOTES", True)
+    x = (randn(5, 3, 24, device=device) * 2).bfloat16().requires_grad_()
+    w = randn(24, device=device).requires_grad_()
+    out = rms_norm(x, (24,), w, 1e-5)
+    assert out.dtype == torch.float32
+    mode = torch._subclasses.FakeTensorMode()
+    fx, fw = mode.from_tensor(x.detach()), mode.from_tensor(w.detach())
+    with mode:
+        fake = norm_ops.rms_norm_op(fx, [24], fw, 1e-5)[0]
+    assert fake.dtype == torch.float32
+    xd, wd = x.detach().double(), w.detach().double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd
+    testing.assert_close(out, ref, None, dtype=torch.bfloat16)  # one bf16 rounding: the input's
+    dx, dw = torch.autograd.grad(out.sum(), (x, w))
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
 
 
 def test_layer_norm_parameter_dtypes_torch_refuses(device):

@@ -265,14 +265,68 @@ def test_patch_transformers_models(device, family):
         _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
     finally:
         attention_ops.attention = attention
-    assert len(calls) == 2  # one per layer, through transformers' sdpa attention
+    assert len(calls) == 2  # one per layer, through attn_implementation "tritonops"
+    assert report.attn_implementation == ("sdpa", "tritonops") and "attn_implementation 'sdpa'" in str(report)
+    assert model.config._attn_implementation == "tritonops" and "forward" not in model.__dict__
     assert F.scaled_dot_product_attention is TORCH_SDPA
     twin = copy.deepcopy(model)  # a patched copy, which unpatches on its own
     assert [type(m) for m in twin.modules()] == [type(m) for m in model.modules()]
     tritonops.unpatch(twin)
-    assert [type(m) for m in twin.modules()] == before
+    assert [type(m) for m in twin.modules()] == before and twin.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "tritonops"
     tritonops.unpatch(model)
-    assert [type(m) for m in model.modules()] == before
+    assert [type(m) for m in model.modules()] == before and model.config._attn_implementation == "sdpa"
+
+
+def test_patched_transformers_model_trains_with_gradient_checkpointing(device, monkeypatch):
+    """Checkpointing recomputes each layer in backward, outside model.forward: attention still
+    runs ours there (attn_implementation), and the gradients are the unpatched model's."""
+    transformers = pytest.importorskip("transformers")
+    from tritonops.ops import attention as attention_ops
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).to(device)
+    unpatched = copy.deepcopy(model)
+    # activation_checkpointing_enable in newer transformers, gradient_checkpointing_enable before
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    tritonops.patch(model)
+    calls = []
+    attention = attention_ops.attention
+    monkeypatch.setattr(attention_ops, "attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
+    assert len(calls) == 2 * 2  # each layer's attention: in forward, and again in the recompute
+
+
+def test_patched_model_keeps_its_signature_and_pickles(device):
+    """A model routed by its forward shows the forward's signature (transformers' Trainer reads
+    it to keep dataset columns) and survives pickling (torch.save of the whole model)."""
+    import inspect
+    import io
+    import pickle
+
+    model = TinyGPT().to(device)
+    signature = inspect.signature(model.forward)
+    tritonops.patch(model)
+    assert inspect.signature(model.forward) == signature
+    idx = torch.randint(0, 37, (2, 11), device=device)
+    want = model(idx)
+    for loaded in (pickle.loads(pickle.dumps(model)), _torch_save_load(model, io)):
+        assert loaded.forward.model is loaded and isinstance(loaded.blocks[0].qkv, tritonops.nn.Linear)
+        torch.testing.assert_close(loaded(idx), want, rtol=0, atol=0)
+        tritonops.unpatch(loaded)
+        assert "forward" not in loaded.__dict__
+
+
+def _torch_save_load(model, io):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def test_compiled_patched_model_keeps_our_ops_in_one_graph(device):

@@ -148,6 +148,7 @@ def _fall_through_cases(device):
     """id -> a call routing must leave to torch (with every op enabled)."""
     a, b, w = _t(3, 7, device=device), _t(7, 5, device=device), _t(5, 7, device=device)
     q = _t(2, 5, 16, device=device)
+    bias1, bias35, q320 = _t(1, device=device), _t(3, 5, device=device), _t(1, 3, 320, device=device)
     return {
         "int tensors": lambda: torch.matmul(a.to(torch.int32), b.to(torch.int32)),
         "complex": lambda: a.to(torch.complex64) @ b.to(torch.complex64),
@@ -162,7 +163,42 @@ def _fall_through_cases(device):
                                                                                              device=device)),
         "norm of ints": lambda: F.layer_norm(a.to(torch.int32), (7,)),
         "not a tensor": lambda: F.linear(a, w.tolist()),
+        # calls torch takes and our ops do not: a bias it broadcasts, head dims past ours
+        "linear bias (1,)": lambda: F.linear(a, w, bias1),
+        "linear bias (3, 5)": lambda: F.linear(a, w, bias35),
+        "head dim 320": lambda: F.scaled_dot_product_attention(q320, q320, q320),
     }
+
+
+def _transform_cases(device):
+    """id -> a call under a torch.func transform or forward-mode AD: torch's ops have the rules
+    for those, ours reverse mode only, so routing leaves them to torch."""
+    import torch.autograd.forward_ad as forward_ad
+
+    a, w, c = _t(3, 7, device=device), _t(5, 7, device=device), _t(3, 7, device=device)
+
+    def dual_tangent():
+        with forward_ad.dual_level():
+            out = F.softmax(forward_ad.make_dual(a, c), -1)
+            return forward_ad.unpack_dual(out).tangent.clone()
+
+    return {
+        "jvp": lambda: torch.func.jvp(lambda x: F.linear(x, w), (a,), (c,))[1],
+        "forward_ad": dual_tangent,
+        "vmap": lambda: torch.func.vmap(lambda x: F.linear(x, w))(a),
+        "grad": lambda: torch.func.grad(lambda x: (F.softmax(x, -1) * c).sum())(a),
+        "jacrev": lambda: torch.func.jacrev(lambda x: torch.matmul(x, w.t()))(a[0]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_transform_cases("cpu")))
+def test_transforms_and_forward_mode_reach_torch(device, calls, case):
+    fn = _transform_cases(device)[case]
+    expected = fn()
+    with tritonops.routing.enable():
+        out = fn()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert _counts(calls) == {}
 
 
 @pytest.mark.parametrize("case", list(_fall_through_cases("cpu")))

@@ -76,6 +76,23 @@ def test_one_unsupported_dtype_raises_like_torch(device, op, dtype):
     _expect_like_torch(op, ours, theirs, args(lambda *s: make(s, next(first, dtype), device)))
 
 
+@pytest.mark.parametrize("op", CALLS)
+def test_forward_mode_derivatives_are_refused(device, op):
+    """Our ops have reverse-mode derivatives only: under torch.func.jvp (which would take an op
+    without a rule as zero) and on a forward_ad dual tensor (whose tangent would be dropped)
+    they raise NotImplementedError, torch's word for a missing derivative formula."""
+    import torch.autograd.forward_ad as forward_ad
+
+    ours, _, args = CALLS[op]
+    inputs = args(lambda *s: torch.randn(s, device=device))
+    first, rest = inputs[0], inputs[1:]
+    with pytest.raises(NotImplementedError, match=f"tritonops.{op} has no forward-mode derivative"):
+        torch.func.jvp(lambda x: ours(x, *rest), (first,), (torch.ones_like(first),))
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        ours(forward_ad.make_dual(first, torch.ones_like(first)), *rest)
+    assert torch.isfinite(ours(first, *rest)).all()  # and outside them, the op runs
+
+
 def test_unsupported_dtype_error_is_every_type_torch_raises():
     assert issubclass(UnsupportedDtypeError, TypeError)
     assert issubclass(UnsupportedDtypeError, NotImplementedError)  # torch's, for a dtype without a kernel

@@ -114,6 +114,26 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def switch_attn_implementation(model: torch.nn.Module) -> tuple[str, str] | None:
+    """A transformers model on attn_implementation "sdpa" is switched to "tritonops" (the same
+    semantics on our kernel, wherever its layers run); returns ("sdpa", "tritonops"), or None
+    for any other model (not a transformers one, or on another implementation) and where
+    transformers refuses the switch."""
+    modeling_utils = sys.modules.get(_TARGET)
+    if modeling_utils is None or not isinstance(model, modeling_utils.PreTrainedModel):
+        return None
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if current != "sdpa":
+        return None
+    register()  # idempotent; normally done when transformers loaded
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        model.set_attn_implementation(current)  # whatever part it changed, back
+        return None
+    return current, NAME
+
+
 def _safe_register() -> None:
     try:
         register()
@@ -267,7 +287,9 @@ def _input_dtype(eps_attr: str, norm, one_plus: bool = False):
             # 1 + weight in float32 as the original, or in float64 where the input is float64
             wide = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
             weight = 1.0 + weight.to(wide)
-        return norm(hidden_states, weight, getattr(self, eps_attr))
+        out = norm(hidden_states, weight, getattr(self, eps_attr))
+        # a torch whose rms_norm promotes with the weight's dtype returns the wider one
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
     return forward
 

@@ -13,11 +13,13 @@ torch function is rebound, so other models, and this model in other threads, are
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass, field
 
 import torch
 
+from . import huggingface
 from .routing import RoutingMode
 
 OPS = ("linear", "layer_norm", "rms_norm", "softmax", "log_softmax", "attention")
@@ -45,11 +47,13 @@ def _qualified(cls: type) -> str:
 @dataclass
 class PatchReport:
     """What `patch` replaced: (qualified module name, the original class's name, the qualified
-    name of the class swapped in), and whether scaled_dot_product_attention calls in the
-    model's forward go to tritonops.attention."""
+    name of the class swapped in), and whether the model's attention goes to tritonops.attention:
+    through transformers' attention interface (`attn_implementation`: the implementation before
+    and after), or by routing scaled_dot_product_attention calls in its forward."""
 
     replaced: list[tuple[str, str, str]] = field(default_factory=list)
     attention_routed: bool = False
+    attn_implementation: tuple[str, str] | None = None
 
     def counts(self) -> dict[str, int]:
         """Modules replaced, by original class name ("Linear", "LlamaRMSNorm", ...)."""
@@ -60,7 +64,10 @@ class PatchReport:
 
     def __str__(self) -> str:
         parts = [f"{n} x {cls}" for cls, n in sorted(self.counts().items())]
-        if self.attention_routed:
+        if self.attn_implementation is not None:
+            before, after = self.attn_implementation
+            parts.append(f"attn_implementation {before!r} -> {after!r}")
+        elif self.attention_routed:
             parts.append("F.scaled_dot_product_attention -> tritonops.attention")
         return "tritonops.patch: " + (", ".join(parts) if parts else "nothing replaced")
 
@@ -70,16 +77,18 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
     of "linear", "layer_norm", "rms_norm", "softmax", "log_softmax", "attention" (default: all).
 
     torch's modules are swapped by exact class (not their subclasses); with "rms_norm", so are
-    the transformers norm classes tritonops.huggingface.norm_class knows. With "attention",
-    F.scaled_dot_product_attention calls made during model.forward, in the thread running it,
-    go to tritonops.attention when it supports them (also under torch.compile)."""
+    the transformers norm classes tritonops.huggingface.norm_class knows. With "attention", a
+    transformers model on attn_implementation "sdpa" is switched to "tritonops" (which holds
+    wherever its layers run, activation checkpointing's recompute included); in any other model
+    F.scaled_dot_product_attention calls made during model.forward, in the thread running it, go
+    to tritonops.attention when it supports them (also under torch.compile). A recompute outside
+    forward (activation checkpointing) is not inside forward: route it with tritonops.enable()."""
     ops = set(OPS if ops is None else ops)
     unknown = ops - set(OPS)
     if unknown:
         raise ValueError(f"tritonops.patch: unknown ops {sorted(unknown)}; expected some of {OPS}")
     if hasattr(model, _ATTR):
         raise RuntimeError("tritonops.patch: this model is patched already; unpatch it first")
-    from . import huggingface
     from . import nn as ours
 
     modules = _module_map()
@@ -100,22 +109,39 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
             module.activation = None
         swapped.append((module, original_cls, added_activation))
         report.replaced.append((qualname or "<root>", original_cls.__name__, _qualified(new_cls)))
-    original_forward = None
+    routed_forward = False
     if "attention" in ops:
-        original_forward = model.__dict__.get("forward")
-        # a method bound to the model: copy.deepcopy rebinds it to the copy
-        model.forward = types.MethodType(_routed_forward, model)
+        report.attn_implementation = huggingface.switch_attn_implementation(model)
+        if report.attn_implementation is None:
+            # the instance's own forward (a wrapper that keeps its signature and pickles); the
+            # class's forward stays as it is for every other instance
+            model.forward = _RoutedForward(model, model.__dict__.get("forward"))
+            routed_forward = True
         report.attention_routed = True
-    setattr(model, _ATTR, (swapped, report.attention_routed, original_forward))
+    setattr(model, _ATTR, (swapped, routed_forward, report.attn_implementation))
     return report
 
 
-def _routed_forward(self, *args, **kwargs):
-    """The model's own forward, with its F.scaled_dot_product_attention calls routed to ours
-    by a mode on this thread's torch-function stack (torch.compile traces it the same way)."""
-    original = self.__dict__[_ATTR][2]
-    with RoutingMode(ops=("attention",)):
-        return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
+class _RoutedForward:
+    """A model's forward with its F.scaled_dot_product_attention calls routed to ours by a mode
+    on this thread's torch-function stack (torch.compile traces it the same way). It shows the
+    forward's signature (what transformers' Trainer and generate read) and pickles and deep-copies
+    with its model."""
+
+    def __init__(self, model: torch.nn.Module, original=None):
+        self.model = model
+        self.original = original  # an instance-level forward set before patch, if any
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        forward = self.original if self.original is not None else types.MethodType(type(self.model).forward, self.model)
+        return inspect.signature(forward)
+
+    def __call__(self, *args, **kwargs):
+        with RoutingMode(ops=("attention",)):
+            if self.original is not None:
+                return self.original(*args, **kwargs)
+            return type(self.model).forward(self.model, *args, **kwargs)
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -123,12 +149,14 @@ def unpatch(model: torch.nn.Module) -> None:
     state = model.__dict__.pop(_ATTR, None)
     if state is None:
         raise RuntimeError("tritonops.unpatch: this model is not patched")
-    swapped, routed, original_forward = state
+    swapped, routed_forward, attn_implementation = state
     for module, original_cls, added_activation in swapped:
         module.__class__ = original_cls
         if added_activation:
             module.__dict__.pop("activation", None)
-    if routed:
-        del model.forward
+    if routed_forward:
+        original_forward = model.__dict__.pop("forward").original
         if original_forward is not None:
             model.forward = original_forward
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation[0])

@@ -30,7 +30,7 @@ from .ops import attention as _attention
 from .ops import matmul as _matmul
 from .ops import norm as _norm
 from .ops import softmax as _softmax
-from .ops._common import FLOAT_DTYPES
+from .ops._common import FLOAT_DTYPES, forward_ad_in_use
 
 OPS = ("matmul", "linear", "layer_norm", "rms_norm", "softmax", "log_softmax", "attention")
 
@@ -98,6 +98,11 @@ def _routable(tensors: tuple, optional: tuple = (), same_dtype: bool = True) -> 
             return False
     if runtime.backend_for(device) == runtime.BACKEND_REFERENCE:
         return False  # torch's own op, and not our reference fallback with its warning
+    if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
+                                               or forward_ad_in_use((*tensors, *present))):
+        # torch.func transforms (vmap, jvp, grad) and forward-mode AD: torch's ops have every
+        # rule for them, ours reverse mode only
+        return False
     if same_dtype and not torch.is_autocast_enabled(device.type):
         for t in (*tensors, *present):
             if t.dtype != first.dtype:
@@ -121,7 +126,10 @@ def _linear_handler(args, kwargs):
     b = _bind(args, kwargs, ("input", "weight", "bias"), 2)
     if b is None or not _routable((b["input"], b["weight"]), (b.get("bias"),)):
         return None
-    return _matmul.linear(b["input"], b["weight"], b.get("bias"))
+    weight, bias = b["weight"], b.get("bias")
+    if bias is not None and weight.dim() == 2 and tuple(bias.shape) != (weight.shape[0],):
+        return None  # a bias torch broadcasts ((1,), (1, N), (M, N)): our epilogue adds an (N,) one
+    return _matmul.linear(b["input"], weight, bias)
 
 
 def _softmax_handler(names: tuple, log: bool, ignored: tuple = ()):
@@ -165,6 +173,9 @@ def _attention_handler(args, kwargs):
     b = _bind(args, kwargs, _SDPA_NAMES, 3)
     if b is None or not _routable((b["query"], b["key"], b["value"])):
         return None
+    query, value = b["query"], b["value"]
+    if query.dim() and value.dim() and max(query.shape[-1], value.shape[-1]) > _attention.MAX_HEAD_DIM:
+        return None  # head dims our kernels do not take
     mask = b.get("attn_mask")
     if mask is not None:  # bool or additive; torch's rules on its dtype are our op's
         if not (type(mask) in _PLAIN_TYPES and mask.layout == torch.strided and not mask.is_nested

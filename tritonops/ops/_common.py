@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 
 from .. import runtime
@@ -49,6 +50,28 @@ def check_same(op: str, tensors: dict[str, torch.Tensor | None]) -> tuple[torch.
                 f"tritonops.{op}: expected all tensors of one dtype, but {first_name} is {first.dtype} "
                 f"and {name} is {t.dtype}")
     return first.dtype, first.device
+
+
+def forward_ad_in_use(tensors) -> bool:
+    """Whether a forward-mode derivative is being taken: inside torch.func.jvp, or through a
+    forward_ad dual tensor among `tensors`. (torch.compile traces its own way: not checked.)"""
+    if torch.compiler.is_compiling():
+        return False
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp:
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor carries a tangent
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def check_no_forward_ad(op: str, tensors) -> None:
+    """Our ops have reverse-mode derivatives only: refuse a forward-mode one, which torch would
+    otherwise take as zero (torch.func.jvp) or drop (forward_ad) without a word."""
+    if forward_ad_in_use(tensors):
+        raise NotImplementedError(
+            f"tritonops.{op} has no forward-mode derivative (torch.func.jvp, torch.autograd.forward_ad); "
+            f"use torch's op there, or reverse mode (backward, torch.func.grad / vjp)")
 
 
 def use_reference(op: str, device: torch.device) -> bool:

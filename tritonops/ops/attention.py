@@ -46,7 +46,7 @@ from ..tuning.attention import (ATTENTION_BWD_DKDV_TUNER, ATTENTION_BWD_DQ_TUNER
                                 ATTENTION_TUNER, MAX_HEAD_DIM, attention_dq_key, attention_key,
                                 attention_preprocess_key)
 from ._autocast import autocast_inputs
-from ._common import check_same, dot_input_precision, padded_dim, use_reference
+from ._common import check_no_forward_ad, check_same, dot_input_precision, padded_dim, use_reference
 
 LOG2E = 1.4426950408889634
 
@@ -421,6 +421,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     torch.autocast it runs in the autocast dtype (a float mask cast too), as torch's does.
     """
     query, key, value, attn_mask = autocast_inputs("attention", query, key, value, attn_mask)
+    check_no_forward_ad("attention", (query, key, value, attn_mask))
     dtype, device = check_same("attention", {"query": query, "key": key, "value": value})
     if min(query.dim(), key.dim(), value.dim()) < 2:
         raise RuntimeError(

@@ -12,7 +12,7 @@ from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
 from ..tuning.matmul import MATMUL_TUNER, matmul_key
 from ..tuning.rows import epilogue_tile_config
 from ._autocast import autocast_inputs
-from ._common import check_same, dot_input_precision, use_reference
+from ._common import check_no_forward_ad, check_same, dot_input_precision, use_reference
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -261,6 +261,7 @@ def matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """torch.matmul on Triton kernels: vectors, matrices and broadcast batches, any strides.
     Under torch.autocast it runs in the autocast dtype, as torch's does."""
     input, other = autocast_inputs("matmul", input, other)
+    check_no_forward_ad("matmul", (input, other))
     dtype, device = check_same("matmul", {"input": input, "other": other})
     if input.dim() == 0 or other.dim() == 0:
         raise RuntimeError(
@@ -283,6 +284,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if activation not in ACTIVATIONS:
         raise ValueError(f"tritonops.linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     input, weight, bias = autocast_inputs("linear", input, weight, bias)
+    check_no_forward_ad("linear", (input, weight, bias))
     dtype, device = check_same("linear", {"input": input, "weight": weight, "bias": bias})
     if input.dim() == 0:
         raise RuntimeError("tritonops.linear: input must be at least 1-D")

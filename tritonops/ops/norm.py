@@ -2,6 +2,7 @@
 
 import math
 import operator
+import warnings
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from .. import runtime
 from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel
 from ..tuning.norm import NORM_BWD_TUNER, NORM_TUNER, norm_bwd_key, norm_key
 from ._autocast import autocast_inputs
-from ._common import check_float, check_same, use_reference
+from ._common import check_float, check_no_forward_ad, check_same, use_reference
 
 
 # --------------------------------------------------------------------------- launchers
@@ -32,14 +33,14 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def launch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                    rms: bool, config: Config | None = None):
+                    rms: bool, config: Config | None = None, out_dtype: torch.dtype | None = None):
     """(y, mean, rstd) for x (M, N) with any strides, weight and bias (N,) or None.
 
-    mean (None for rms) and rstd are (M,) in fp32 (fp64 for float64). `config`
-    overrides the tuner's choice.
+    y is written in `out_dtype` (default x's); mean (None for rms) and rstd are (M,) in fp32
+    (fp64 for float64). `config` overrides the tuner's choice.
     """
     M, N = x.shape
-    y = runtime.new_output((M, N), x.dtype, x.device)
+    y = runtime.new_output((M, N), out_dtype or x.dtype, x.device)
     acc = _stats_dtype(x.dtype)
     mean = None if rms else runtime.new_output((M,), acc, x.device)
     rstd = runtime.new_output((M,), acc, x.device)
@@ -109,19 +110,42 @@ def _rows_cols(input: torch.Tensor, normalized_shape: list[int]) -> tuple[int, i
     return math.prod(input.shape[:input.dim() - len(normalized_shape)]), math.prod(normalized_shape)
 
 
+def _rms_norm_promotes() -> bool:
+    """Whether this torch's rms_norm, given a weight of another dtype, returns the promoted
+    dtype (a composite that multiplies by the weight after casting back to input's dtype) rather
+    than input's (one that casts last, as torch 2.13's): asked of torch once, at import."""
+    if not hasattr(torch, "rms_norm"):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Mismatch dtype between input and weight"
+        return torch.rms_norm(torch.ones(1, 2, dtype=torch.bfloat16), [2], torch.ones(2)).dtype != torch.bfloat16
+
+
+_RMS_NORM_PROMOTES = _rms_norm_promotes()
+
+
+def _output_dtype(input: torch.Tensor, weight: torch.Tensor | None, rms: bool) -> torch.dtype:
+    """The output dtype torch gives: input's (layer_norm; rms_norm where torch casts last), or
+    promoted with weight's (rms_norm where this torch promotes)."""
+    if rms and weight is not None and _RMS_NORM_PROMOTES:
+        return torch.promote_types(input.dtype, weight.dtype)
+    return input.dtype
+
+
 def _norm_fwd(input, normalized_shape, weight, bias, eps, rms):
     M, N = _rows_cols(input, normalized_shape)
     # A view where the strides allow one (the kernels read rows and columns through
     # their strides); reshape copies only layouts no (M, N) strides describe, e.g. a transpose.
     y, mean, rstd = launch_norm_fwd(input.reshape(M, N), weight.reshape(N) if weight is not None else None,
-                                    bias.reshape(N) if bias is not None else None, eps, rms)
+                                    bias.reshape(N) if bias is not None else None, eps, rms,
+                                    out_dtype=_output_dtype(input, weight, rms))
     return y.view(input.shape), mean, rstd
 
 
-def _norm_fwd_fake(input, normalized_shape, rms):
+def _norm_fwd_fake(input, normalized_shape, weight, rms):
     M, _ = _rows_cols(input, normalized_shape)
     stats = input.new_empty([M], dtype=_stats_dtype(input.dtype))
-    y = input.new_empty(input.shape)
+    y = input.new_empty(input.shape, dtype=_output_dtype(input, weight, rms))
     return (y, stats) if rms else (y, stats, input.new_empty([M], dtype=stats.dtype))
 
 
@@ -134,7 +158,7 @@ def layer_norm_op(input: torch.Tensor, normalized_shape: list[int], weight: torc
 
 @layer_norm_op.register_fake
 def _(input, normalized_shape, weight, bias, eps):
-    return _norm_fwd_fake(input, normalized_shape, rms=False)
+    return _norm_fwd_fake(input, normalized_shape, weight, rms=False)
 
 
 @torch.library.custom_op("tritonops::rms_norm", mutates_args=())
@@ -147,7 +171,7 @@ def rms_norm_op(input: torch.Tensor, normalized_shape: list[int], weight: torch.
 
 @rms_norm_op.register_fake
 def _(input, normalized_shape, weight, eps):
-    return _norm_fwd_fake(input, normalized_shape, rms=True)
+    return _norm_fwd_fake(input, normalized_shape, weight, rms=True)
 
 
 def _norm_bwd(grad, input, normalized_shape, weight, mean, rstd, need_input, need_weight, need_bias, param_dtype):
@@ -313,6 +337,7 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     torch.autocast on CUDA it runs in float32, as torch's does."""
     shape = _normalized_shape("layer_norm", normalized_shape)  # first, as torch's argument parser
     input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
+    check_no_forward_ad("layer_norm", (input, weight, bias))
     device = _check_params("layer_norm", input, {"weight": weight, "bias": bias})
     _check_shapes(input, shape, weight, bias)
     if use_reference("layer_norm", device):
@@ -324,10 +349,12 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
              eps: float | None = None) -> torch.Tensor:
     """F.rms_norm on Triton kernels. eps=None is, as in torch, the machine epsilon of the
     compute type: float32's for float16 / bfloat16 / float32 inputs, float64's for float64.
-    The weight may have another floating dtype than input (output in input's dtype). Under
+    The weight may have another floating dtype than input (output in the dtype torch's
+    rms_norm gives then: input's in current torch, promoted with weight's in older ones). Under
     torch.autocast on CUDA it runs in float32, as torch's does."""
     shape = _normalized_shape("rms_norm", normalized_shape)  # first, as torch's argument parser
     input, weight = autocast_inputs("rms_norm", input, weight)
+    check_no_forward_ad("rms_norm", (input, weight))
     device = _check_params("rms_norm", input, {"weight": weight})
     _check_shapes(input, shape, weight, None)
     if use_reference("rms_norm", device):

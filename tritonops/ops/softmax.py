@@ -12,7 +12,7 @@ from .. import runtime
 from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
 from ..tuning.softmax import SOFTMAX_BWD_TUNER, SOFTMAX_TUNER, softmax_key
 from ._autocast import autocast_dtype, autocast_eligible
-from ._common import FLOAT_DTYPES, check_same, unsupported_dtype, use_reference
+from ._common import FLOAT_DTYPES, check_no_forward_ad, check_same, unsupported_dtype, use_reference
 
 
 # --------------------------------------------------------------------------- layout
@@ -222,6 +222,7 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: torch.dtype | None, 
             # torch casts first; the kernel fuses only exact (widening) casts, so narrowing ones happen here.
             input = input.to(dtype)
     _, device = check_same(op, {"input": input})
+    check_no_forward_ad(op, (input,))
     d = _wrap_dim(dim, input.dim())
     if use_reference(op, device):
         return (F.log_softmax if log else F.softmax)(input, d, dtype=dtype)
