@@ -306,6 +306,19 @@ def test_rms_norm_follows_a_torch_that_promotes_with_the_weight(device, monkeypa
     assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
 
 
+def test_importing_leaves_torchs_one_mismatch_warning_to_the_user():
+    """Asking torch's rms_norm for its dtype rule at import must not use up torch's warn-once."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, tritonops\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    torch.rms_norm(torch.ones(2, 4, dtype=torch.bfloat16), [4], torch.ones(4))\n"
+            "assert any('Mismatch dtype' in str(w.message) for w in seen), [str(w.message) for w in seen]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_layer_norm_parameter_dtypes_torch_refuses(device):
     """layer_norm takes float32 parameters only for a 16-bit input, and both of one dtype."""
     x16, x32 = randn(3, 4, dtype=torch.bfloat16, device=device), randn(3, 4, device=device)

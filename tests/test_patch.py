@@ -266,7 +266,7 @@ def test_patch_transformers_models(device, family):
     finally:
         attention_ops.attention = attention
     assert len(calls) == 2  # one per layer, through attn_implementation "tritonops"
-    assert report.attn_implementation == ("sdpa", "tritonops") and "attn_implementation 'sdpa'" in str(report)
+    assert report.attn_implementation == {"": ("sdpa", "tritonops")} and "attn_implementation 'sdpa'" in str(report)
     assert model.config._attn_implementation == "tritonops" and "forward" not in model.__dict__
     assert F.scaled_dot_product_attention is TORCH_SDPA
     twin = copy.deepcopy(model)  # a patched copy, which unpatches on its own
@@ -300,6 +300,43 @@ def test_patched_transformers_model_trains_with_gradient_checkpointing(device, m
     ids = torch.randint(0, 64, (2, 9), device=device)
     _compare_to_unpatched(unpatched, model, ids, torch.randint(0, 64, (2, 9), device=device))
     assert len(calls) == 2 * 2  # each layer's attention: in forward, and again in the recompute
+
+
+def _tiny_llama(transformers, device):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def test_transformers_model_that_cannot_switch_is_routed_by_its_forward(device, monkeypatch):
+    """Some models only log that they cannot change attn_implementation: patch sees the config
+    unchanged and routes SDPA in forward instead of claiming a switch."""
+    transformers = pytest.importorskip("transformers")
+    from tritonops.ops import attention as attention_ops
+
+    model = _tiny_llama(transformers, device)
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", lambda self: False)
+    report = tritonops.patch(model)
+    assert report.attn_implementation is None and report.attention_routed and "forward" in model.__dict__
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    attention = attention_ops.attention
+    monkeypatch.setattr(attention_ops, "attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
+    model(torch.randint(0, 64, (1, 5), device=device))
+    assert len(calls) == 2
+    tritonops.unpatch(model)
+    assert "forward" not in model.__dict__ and model.config._attn_implementation == "sdpa"
+
+
+def test_unpatch_keeps_an_attn_implementation_chosen_since(device):
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(transformers, device)
+    tritonops.patch(model)
+    model.set_attn_implementation("eager")
+    tritonops.unpatch(model)
+    assert model.config._attn_implementation == "eager"
 
 
 def test_patched_model_keeps_its_signature_and_pickles(device):

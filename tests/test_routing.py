@@ -188,7 +188,18 @@ def _transform_cases(device):
         "vmap": lambda: torch.func.vmap(lambda x: F.linear(x, w))(a),
         "grad": lambda: torch.func.grad(lambda x: (F.softmax(x, -1) * c).sum())(a),
         "jacrev": lambda: torch.func.jacrev(lambda x: torch.matmul(x, w.t()))(a[0]),
+        "compiled forward_ad": lambda: _compiled_dual_tangent(a, c),
     }
+
+
+def _compiled_dual_tangent(a, c):
+    """torch.compile traces a dual tensor its own way: routing must still leave it to torch."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: F.softmax(x, -1), fullgraph=True, backend="aot_eager")
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(compiled(forward_ad.make_dual(a, c))).tangent.clone()
 
 
 @pytest.mark.parametrize("case", list(_transform_cases("cpu")))

@@ -91,6 +91,10 @@ def test_forward_mode_derivatives_are_refused(device, op):
     with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
         ours(forward_ad.make_dual(first, torch.ones_like(first)), *rest)
     assert torch.isfinite(ours(first, *rest)).all()  # and outside them, the op runs
+    # an op whose inputs carry no tangent is a constant of the jvp: it runs
+    scale = torch.randn((), device=device)
+    _, tangent = torch.func.jvp(lambda s: s * ours(first, *rest), (scale,), (torch.ones_like(scale),))
+    torch.testing.assert_close(tangent, ours(first, *rest))
 
 
 def test_unsupported_dtype_error_is_every_type_torch_raises():

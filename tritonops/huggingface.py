@@ -114,24 +114,49 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def switch_attn_implementation(model: torch.nn.Module) -> tuple[str, str] | None:
-    """A transformers model on attn_implementation "sdpa" is switched to "tritonops" (the same
-    semantics on our kernel, wherever its layers run); returns ("sdpa", "tritonops"), or None
-    for any other model (not a transformers one, or on another implementation) and where
-    transformers refuses the switch."""
+def attn_implementations(model: torch.nn.Module) -> dict[str, str | None]:
+    """A transformers model's attention implementations: its config's ("") and each sub-config's."""
+    config = model.config
+    out = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out[key] = sub._attn_implementation
+    return out
+
+
+def switch_attn_implementation(model: torch.nn.Module) -> dict[str, str | None] | None:
+    """Switch the parts of a transformers model that run attn_implementation "sdpa" (its config
+    and sub-configs) to "tritonops", the same semantics on our kernel wherever its layers run;
+    the others keep theirs. Returns the implementations before, or None, with nothing changed,
+    for a model that is not a transformers one, runs no "sdpa", or that transformers does not
+    switch (some models only log that they cannot). The switch is the config's: models sharing
+    that config object switch with it."""
     modeling_utils = sys.modules.get(_TARGET)
     if modeling_utils is None or not isinstance(model, modeling_utils.PreTrainedModel):
         return None
-    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if current != "sdpa":
+    before = attn_implementations(model)
+    if "sdpa" not in before.values():
         return None
     register()  # idempotent; normally done when transformers loaded
+    target = {key: NAME if impl == "sdpa" else impl for key, impl in before.items()}
     try:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(target if len(target) > 1 else NAME)
     except (ValueError, KeyError, TypeError, AttributeError):
-        model.set_attn_implementation(current)  # whatever part it changed, back
+        pass
+    if attn_implementations(model) != target:
+        restore_attn_implementation(model, before)
         return None
-    return current, NAME
+    return before
+
+
+def restore_attn_implementation(model: torch.nn.Module, before: dict[str, str | None]) -> None:
+    """Undo switch_attn_implementation where the model still runs "tritonops" (a part the user
+    switched since keeps what they chose)."""
+    now = attn_implementations(model)
+    back = {key: before[key] if now.get(key) == NAME and key in before else impl for key, impl in now.items()}
+    if back != now:
+        model.set_attn_implementation(back if len(back) > 1 else back[""])
 
 
 def _safe_register() -> None:

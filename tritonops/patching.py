@@ -2,13 +2,14 @@
 
     report = tritonops.patch(model)          # nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Softmax,
     print(report)                            # nn.LogSoftmax -> ours; transformers' RMSNorm classes
-    tritonops.unpatch(model)                 # -> ours; F.scaled_dot_product_attention calls in
-                                             # model.forward -> tritonops.attention
+    tritonops.unpatch(model)                 # -> ours; attention -> tritonops.attention
 
 Modules are switched by class, not rebuilt: our modules subclass the ones they replace and add
-no state, so parameters, buffers, hooks and optimizer state stay as they are. Attention is
-routed by a torch-function mode (tritonops.routing) entered around the model's forward: no
-torch function is rebound, so other models, and this model in other threads, are untouched.
+no state, so parameters, buffers, hooks and optimizer state stay as they are. A transformers
+model on attn_implementation "sdpa" is switched to "tritonops" (its config's setting); in any
+other model attention is routed by a torch-function mode (tritonops.routing) entered around
+its forward: no torch function is rebound, so other models, and this model in other threads,
+are untouched.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def _qualified(cls: type) -> str:
 class PatchReport:
     """What `patch` replaced: (qualified module name, the original class's name, the qualified
     name of the class swapped in), and whether the model's attention goes to tritonops.attention:
-    through transformers' attention interface (`attn_implementation`: the implementation before
-    and after), or by routing scaled_dot_product_attention calls in its forward."""
+    through transformers' attention interface (`attn_implementation`: the parts switched, ""
+    for the model's own config or a sub-config's name, with the implementation before and
+    after), or by routing scaled_dot_product_attention calls in its forward."""
 
     replaced: list[tuple[str, str, str]] = field(default_factory=list)
     attention_routed: bool = False
-    attn_implementation: tuple[str, str] | None = None
+    attn_implementation: dict[str, tuple[str, str]] | None = None
 
     def counts(self) -> dict[str, int]:
         """Modules replaced, by original class name ("Linear", "LlamaRMSNorm", ...)."""
@@ -65,8 +67,8 @@ class PatchReport:
     def __str__(self) -> str:
         parts = [f"{n} x {cls}" for cls, n in sorted(self.counts().items())]
         if self.attn_implementation is not None:
-            before, after = self.attn_implementation
-            parts.append(f"attn_implementation {before!r} -> {after!r}")
+            for part, (before, after) in self.attn_implementation.items():
+                parts.append(f"{part + ' ' if part else ''}attn_implementation {before!r} -> {after!r}")
         elif self.attention_routed:
             parts.append("F.scaled_dot_product_attention -> tritonops.attention")
         return "tritonops.patch: " + (", ".join(parts) if parts else "nothing replaced")
@@ -109,16 +111,20 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
             module.activation = None
         swapped.append((module, original_cls, added_activation))
         report.replaced.append((qualname or "<root>", original_cls.__name__, _qualified(new_cls)))
-    routed_forward = False
+    routed_forward, attn_before = False, None
     if "attention" in ops:
-        report.attn_implementation = huggingface.switch_attn_implementation(model)
-        if report.attn_implementation is None:
+        attn_before = huggingface.switch_attn_implementation(model)
+        if attn_before is not None:
+            now = huggingface.attn_implementations(model)
+            report.attn_implementation = {part: (impl, now[part]) for part, impl in attn_before.items()
+                                          if impl != now[part]}
+        else:
             # the instance's own forward (a wrapper that keeps its signature and pickles); the
             # class's forward stays as it is for every other instance
             model.forward = _RoutedForward(model, model.__dict__.get("forward"))
             routed_forward = True
         report.attention_routed = True
-    setattr(model, _ATTR, (swapped, routed_forward, report.attn_implementation))
+    setattr(model, _ATTR, (swapped, routed_forward, attn_before))
     return report
 
 
@@ -149,7 +155,7 @@ def unpatch(model: torch.nn.Module) -> None:
     state = model.__dict__.pop(_ATTR, None)
     if state is None:
         raise RuntimeError("tritonops.unpatch: this model is not patched")
-    swapped, routed_forward, attn_implementation = state
+    swapped, routed_forward, attn_before = state
     for module, original_cls, added_activation in swapped:
         module.__class__ = original_cls
         if added_activation:
@@ -158,5 +164,5 @@ def unpatch(model: torch.nn.Module) -> None:
         original_forward = model.__dict__.pop("forward").original
         if original_forward is not None:
             model.forward = original_forward
-    if attn_implementation is not None:
-        model.set_attn_implementation(attn_implementation[0])
+    if attn_before is not None:
+        huggingface.restore_attn_implementation(model, attn_before)

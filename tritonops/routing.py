@@ -98,8 +98,8 @@ def _routable(tensors: tuple, optional: tuple = (), same_dtype: bool = True) -> 
             return False
     if runtime.backend_for(device) == runtime.BACKEND_REFERENCE:
         return False  # torch's own op, and not our reference fallback with its warning
-    if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
-                                               or forward_ad_in_use((*tensors, *present))):
+    if forward_ad_in_use((*tensors, *present)) or (
+            not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None):
         # torch.func transforms (vmap, jvp, grad) and forward-mode AD: torch's ops have every
         # rule for them, ours reverse mode only
         return False

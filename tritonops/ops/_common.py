@@ -53,13 +53,17 @@ def check_same(op: str, tensors: dict[str, torch.Tensor | None]) -> tuple[torch.
 
 
 def forward_ad_in_use(tensors) -> bool:
-    """Whether a forward-mode derivative is being taken: inside torch.func.jvp, or through a
-    forward_ad dual tensor among `tensors`. (torch.compile traces its own way: not checked.)"""
+    """Whether a forward-mode derivative is being taken through `tensors`: one of them is the
+    subject of the innermost torch.func.jvp, or a forward_ad dual tensor. Under torch.compile,
+    which traces dual tensors its own way, any open forward_ad dual level counts (dynamo
+    guards on it)."""
     if torch.compiler.is_compiling():
-        return False
+        return forward_ad._current_level >= 0
     interpreter = torch._C._functorch.peek_interpreter_stack()
     if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp:
-        return True
+        level = interpreter.level()
+        if any(isinstance(t, torch.Tensor) and torch._C._functorch.maybe_get_level(t) == level for t in tensors):
+            return True
     if forward_ad._current_level < 0:  # no dual level entered: no tensor carries a tangent
         return False
     return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -71,7 +75,7 @@ def check_no_forward_ad(op: str, tensors) -> None:
     if forward_ad_in_use(tensors):
         raise NotImplementedError(
             f"tritonops.{op} has no forward-mode derivative (torch.func.jvp, torch.autograd.forward_ad); "
-            f"use torch's op there, or reverse mode (backward, torch.func.grad / vjp)")
+            f"use torch's op there, or reverse mode (backward, torch.autograd.grad)")
 
 
 def use_reference(op: str, device: torch.device) -> bool:

@@ -116,9 +116,14 @@ def _rms_norm_promotes() -> bool:
     than input's (one that casts last, as torch 2.13's): asked of torch once, at import."""
     if not hasattr(torch, "rms_norm"):
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Mismatch dtype between input and weight"
-        return torch.rms_norm(torch.ones(1, 2, dtype=torch.bfloat16), [2], torch.ones(2)).dtype != torch.bfloat16
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # so the probe does not use up torch's one "Mismatch dtype" warning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.rms_norm(torch.ones(1, 2, dtype=torch.bfloat16), [2], torch.ones(2)).dtype != torch.bfloat16
+    finally:
+        torch.set_warn_always(warn_always)
 
 
 _RMS_NORM_PROMOTES = _rms_norm_promotes()
