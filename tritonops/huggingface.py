@@ -37,24 +37,6 @@ _TARGET = "transformers.modeling_utils"  # defines AttentionInterface; every mod
 _warned_output_attentions = False
 
 
-def _position_bias_mask(position_bias: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool,
-                        query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """An additive mask holding position_bias where a query may attend and the dtype's lowest
-    value where it may not, as transformers' sdpa builds it (create_position_bias_mask)."""
-    lowest = torch.finfo(key.dtype).min
-    if attention_mask is None:
-        if not is_causal:
-            return position_bias.contiguous()
-        q_length, kv_length = query.shape[2], key.shape[2]
-        causal = torch.arange(q_length, device=key.device)[:, None] >= torch.arange(kv_length, device=key.device)
-        mask = torch.where(causal.view(1, 1, q_length, kv_length), position_bias, lowest)
-    elif attention_mask.dtype == torch.bool:
-        mask = torch.where(attention_mask, position_bias, lowest)
-    else:
-        mask = position_bias + attention_mask
-    return mask.contiguous()
-
-
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -92,7 +74,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if position_bias is not None:
             position_bias = position_bias[:, :, :, :q_length]
     if position_bias is not None:
-        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        # transformers' own combination of the bias with the mask (or the causal pattern): a model
+        # passes position_bias only where its sdpa integration, and so this function, exists
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
     out = attention_ops.attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                   is_causal=bool(is_causal), scale=scaling,

@@ -73,11 +73,14 @@ def _bind(args, kwargs, names: tuple, required: int, ignored: tuple = ()) -> dic
     return bound
 
 
+def _plain(t) -> bool:
+    """A dense tensor of no subclass that overrides torch (a Parameter is plain)."""
+    return type(t) in _PLAIN_TYPES and t.layout == torch.strided and not t.is_nested
+
+
 def _plain_float(t) -> bool:
-    """A dense tensor of a float dtype our kernels implement, of no subclass that overrides torch
-    (a Parameter is plain)."""
-    return (type(t) in _PLAIN_TYPES and t.layout == torch.strided and not t.is_nested
-            and t.dtype in FLOAT_DTYPES)
+    """A plain tensor of a float dtype our kernels implement."""
+    return _plain(t) and t.dtype in FLOAT_DTYPES
 
 
 def _routable(tensors: tuple, optional: tuple = (), same_dtype: bool = True) -> bool:
@@ -178,8 +181,7 @@ def _attention_handler(args, kwargs):
         return None  # head dims our kernels do not take
     mask = b.get("attn_mask")
     if mask is not None:  # bool or additive; torch's rules on its dtype are our op's
-        if not (type(mask) in _PLAIN_TYPES and mask.layout == torch.strided and not mask.is_nested
-                and mask.dtype in _MASK_DTYPES and mask.device == b["query"].device):
+        if not (_plain(mask) and mask.dtype in _MASK_DTYPES and mask.device == b["query"].device):
             return None
     return _attention.attention(b["query"], b["key"], b["value"], attn_mask=mask,
                                 dropout_p=b.get("dropout_p", 0.0), is_causal=b.get("is_causal", False),
