@@ -13,6 +13,10 @@ A cache directory that cannot be read or written is one warning; the tuner then
 keeps what it tunes in memory. The mode comes from the tuner, else from $AUTOTUNE_MODE;
 with $AUTOTUNE_RECORD set, every new key is appended to that trace file. A package
 built on autotune may add its own names for these variables (see settings.py).
+
+Tuning (`tune`) compiles the configs it is about to time in worker processes meanwhile
+(precompile.py), and stops timing a config once it is clearly slower than the best so
+far (timing.py).
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from . import settings
 from .cache import (CacheDir, check_name, decode_key, encode_key, entry_problem, entry_time, read_bundle,
                     timing_records, warn_once)
 from .config import Config
+from .precompile import Precompiler, shared_pool, unavailable_reason
 from .search import STRATEGIES, make_strategy
 from .space import Space
-from .timing import GPUTimer, WallClockTimer
+from .timing import GPUTimer, Timing, WallClockTimer
 
 MODES = ("on", "cached", "off")
 
@@ -326,6 +331,28 @@ def default_check(out: Any, ref: Any) -> bool:
     return True
 
 
+def _best_ms(results: dict[Config, dict]) -> float | None:
+    """The best median of the full timings among `results` (None if none has one)."""
+    full = [r["timing"]["p50"] for r in results.values() if "timing" in r and not r.get("stopped_early")]
+    return min(full) if full else None
+
+
+def _takes_bound(timer) -> bool:
+    """The timer accepts `bound_ms` (by name, or through **kwargs): timers written for
+    `timer(run, config, key)` are called that way, as before."""
+    try:
+        params = inspect.signature(timer).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return False
+    return "bound_ms" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _time(timer, run: Callable[[], Any], config: Config, key: tuple, bound_ms: float | None) -> Timing:
+    if bound_ms is not None and _takes_bound(timer):
+        return timer(run, config, key, bound_ms=bound_ms)
+    return timer(run, config, key)
+
+
 class Stored(NamedTuple):
     """A valid entry of a file: its key, its winner as a Config, and the entry as stored."""
 
@@ -379,8 +406,15 @@ class Tuner:
     mode:     "on", "cached" or "off"; None: `default_mode()` ($AUTOTUNE_MODE) at each lookup.
     cache_dir: the user cache's root; None: `cache.default_cache_dir()` ($AUTOTUNE_CACHE_DIR).
     strategy, max_evals, max_seconds: the search and its budget per key (see search.py).
+    precompile: compile the configs a search is about to time in worker processes while it
+              times others (precompile.py); None: on when a GPU is there. Under the
+              interpreter nothing is compiled and it does nothing.
+    compile_workers: the worker processes of that compiling; None: precompile.default_workers().
+    early_stop: let timers that take `bound_ms` stop timing a config once it is clearly slower
+              than the best so far (timing.py); such a record never wins.
 
-    `override(**fields)` changes mode, cache_dir, strategy, budgets or timer for a `with` block.
+    `override(**fields)` changes mode, cache_dir, strategy, budgets, timer or the compiling and
+    early-stop settings for a `with` block.
     """
 
     def __init__(self, name: str, space: Space, default: Callable[[tuple], Config], *,
@@ -389,7 +423,8 @@ class Tuner:
                  sources: Sequence[Any] = (), shipped: Iterable[str | os.PathLike] = (),
                  check: Callable[[Any, Any], bool] = default_check, timer=None, mode: str | None = None,
                  cache_dir: str | os.PathLike | None = None, strategy: str = "local",
-                 max_evals: int | None = None, max_seconds: float | None = None, tie: float = 0.01):
+                 max_evals: int | None = None, max_seconds: float | None = None, tie: float = 0.01,
+                 precompile: bool | None = None, compile_workers: int | None = None, early_stop: bool = True):
         self.name = name
         self.space = space
         self.default = default
@@ -410,10 +445,15 @@ class Tuner:
         self.max_evals = max_evals
         self.max_seconds = max_seconds
         self.tie = tie
+        self.check_override({"precompile": precompile, "compile_workers": compile_workers, "early_stop": early_stop})
+        self.precompile = precompile
+        self.compile_workers = compile_workers
+        self.early_stop = early_stop
         self.reset()
 
     # The fields `override` may change: what the tuner decides with, not what it is.
-    OVERRIDABLE = ("mode", "max_evals", "max_seconds", "strategy", "timer", "cache_dir")
+    OVERRIDABLE = ("mode", "max_evals", "max_seconds", "strategy", "timer", "cache_dir", "precompile",
+                   "compile_workers", "early_stop")
 
     @classmethod
     def check_override(cls, fields: dict) -> None:
@@ -425,6 +465,13 @@ class Tuner:
             raise ValueError(f"mode {fields['mode']!r}; expected one of {MODES} or None")
         if "strategy" in fields and fields["strategy"] not in STRATEGIES:
             raise ValueError(f"unknown strategy {fields['strategy']!r}; expected one of {sorted(STRATEGIES)}")
+        if fields.get("precompile") not in (None, True, False):
+            raise ValueError(f"precompile {fields['precompile']!r}; expected True, False or None")
+        workers = fields.get("compile_workers")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"compile_workers {workers!r}; expected a positive int or None")
+        if "early_stop" in fields and not isinstance(fields["early_stop"], bool):
+            raise ValueError(f"early_stop {fields['early_stop']!r}; expected True or False")
 
     @contextlib.contextmanager
     def override(self, **fields: Any) -> Iterator["Tuner"]:
@@ -684,8 +731,17 @@ class Tuner:
 
     def tune(self, key: tuple, strategy: str | None = None, max_evals: int | None = None,
              max_seconds: float | None = None, progress: Callable[[Config, dict], None] | None = None,
-             store: bool = True) -> dict | None:
-        """Search the space for `key`, store and return the entry (None if nothing ran)."""
+             store: bool = True, precompile: bool | None = None, early_stop: bool | None = None) -> dict | None:
+        """Search the space for `key`, store and return the entry (None if nothing ran).
+
+        precompile: keep worker processes compiling, into Triton's cache, the default config
+        first and then the configs the search has decided to ask next (`strategy.pending()`,
+        where the strategy has it), at most twice the workers ahead, so the timing loop finds
+        its configs compiled; None: the tuner's `precompile` (on with a GPU). A config whose
+        compile fails is still launched, and its launch records the real error.
+        early_stop: give timers that take it `bound_ms`, the best median so far, so a config
+        clearly slower is not timed in full; None: the tuner's `early_stop`. The default
+        config is always timed in full: the entry reports its time."""
         if self.runner is None:
             raise RuntimeError(f"autotune: kernel {self.name!r} has no runner, so it cannot be tuned")
         key = self.make_key(key)
@@ -697,25 +753,43 @@ class Tuner:
         search = make_strategy(name, configs, start=default, neighbours=self.space.neighbours,
                                max_evals=max_evals if max_evals is not None else self.max_evals,
                                max_seconds=max_seconds if max_seconds is not None else self.max_seconds)
-        try:
-            reference = launch(default)
-        except Exception as e:  # noqa: BLE001 - the default itself does not run: nothing to compare with
-            warnings.warn(f"autotune: {self.name} default config {default} fails for key {key}: {e}",
-                          RuntimeWarning, stacklevel=2)
-            return None
+        early_stop = self.early_stop if early_stop is None else early_stop
         known = self._stored_timings(key)
-        results: dict[Config, dict] = {}
-        while (config := search.ask()) is not None:
-            if config in known and "timing" in known[config]:
-                record = known[config]
-            else:
-                record = self._measure(launch, config, key, reference, timer)
-            results[config] = record
-            search.tell(config, record["timing"]["p50"] if "timing" in record else None)
-            if progress is not None:
-                progress(config, record)
-        if default not in results:
-            results[default] = self._measure(launch, default, key, reference, timer)
+        ahead = self._precompiler(launch, self.precompile if precompile is None else precompile)
+        try:
+            if ahead is not None:
+                ahead.submit(default)  # the reference launch needs it first
+                ahead.feed(self._upcoming(search, known))
+                if ahead.warm:  # else this process's JIT compiles it sooner, while the workers start
+                    ahead.wait(default)
+            try:
+                reference = launch(default)
+            except Exception as e:  # noqa: BLE001 - the default itself does not run: nothing to compare with
+                warnings.warn(f"autotune: {self.name} default config {default} fails for key {key}: {e}",
+                              RuntimeWarning, stacklevel=2)
+                return None
+            results: dict[Config, dict] = {}
+            while (config := search.ask()) is not None:
+                if config in known and "timing" in known[config]:
+                    record = known[config]
+                else:
+                    if ahead is not None:
+                        ahead.submit(config)  # not sent yet if the search changed its mind: now, past the cap
+                        ahead.feed(self._upcoming(search, known))
+                        ahead.wait(config)
+                    bound = _best_ms(results) if early_stop and config != default else None
+                    record = self._measure(launch, config, key, reference, timer, bound)
+                results[config] = record
+                search.tell(config, record["timing"]["p50"] if "timing" in record else None)
+                if ahead is not None:
+                    ahead.feed(self._upcoming(search, known))  # before anything else: the pool must not idle
+                if progress is not None:
+                    progress(config, record)
+            if default not in results:
+                results[default] = self._measure(launch, default, key, reference, timer)
+        finally:
+            if ahead is not None:
+                ahead.close()
         entry = self._entry(key, results, default, name, search.evaluations, timer)
         if entry is None:
             return None
@@ -728,9 +802,14 @@ class Tuner:
     def _stored_timings(self, key: tuple) -> dict[Config, dict]:
         """Config -> its stored record for `key`, from the user cache, for records whose config is
         the key's default or one of the space's for the key (a record read from disk is reused
-        only then, never trusted blindly) and whose time, if it has one, is a time."""
+        only then, never trusted blindly) and whose time, if it has one, is a time.
+
+        A record of a timing stopped early (any true `stopped_early`) says only "clearly slower
+        than the best of its tuning": it is reused when a full timing reused with it is faster,
+        so that what it lost to is still there, and never for the default (whose time the entry
+        reports); otherwise its config is timed again."""
         stored = self._valid_user().get(encode_key(key))
-        out = {}
+        full, stopped = {}, {}
         for record in timing_records(stored.entry) if stored else ():
             try:
                 config = Config.from_dict(record["config"])
@@ -739,24 +818,62 @@ class Tuner:
             if "timing" in record and entry_time(record) == float("inf"):
                 continue
             if self.config_problem(key, config) is None:
-                out[config] = record
-        return out
+                (stopped if record.get("stopped_early") else full)[config] = record
+        fastest = min((entry_time(r) for r in full.values() if "timing" in r), default=float("inf"))
+        default = self.default(key)
+        for config, record in stopped.items():
+            if config != default and "timing" in record and fastest < entry_time(record):
+                full[config] = record
+        return full
 
-    def _measure(self, launch, config: Config, key: tuple, reference, timer) -> dict:
+    def _upcoming(self, search, known: dict[Config, dict]) -> list[Config]:
+        """The configs the search has decided to ask next (`pending()`, for strategies that
+        have it), less those whose stored timings will be reused."""
+        pending = getattr(search, "pending", None)
+        upcoming = pending() if callable(pending) else []
+        return [c for c in upcoming if not (c in known and "timing" in known[c])]
+
+    def _precompiler(self, launch, precompile: bool | None) -> Precompiler | None:
+        """What keeps worker processes compiling the configs about to be timed (precompile.py),
+        or None: when precompiling is off (False, or None without a GPU), under the interpreter
+        (nothing is compiled there: precompiling is a no-op by design), or when this Triton or
+        device cannot be precompiled for (one warning)."""
+        if precompile is None:
+            precompile = _device.gpu_available()
+        if not precompile or _device.interpreter_active():
+            return None
+        why = unavailable_reason()
+        if why is None:
+            try:
+                return Precompiler(shared_pool(self.compile_workers), launch)
+            except Exception as e:  # noqa: BLE001 - no driver to name the target, workers that cannot start
+                why = f"{type(e).__name__}: {e}"
+        warn_once(("precompile", why), f"autotune: {self.name}: configs are compiled at their launch, not ahead: {why}")
+        return None
+
+    def _measure(self, launch, config: Config, key: tuple, reference, timer, bound_ms: float | None = None) -> dict:
+        """Run `config`, check its output against the reference and time it. With `bound_ms`
+        (the best median so far), a timer that takes it may stop early; the record then says
+        `"stopped_early": true` and its timing is the probe's."""
         record: dict[str, Any] = {"config": config.to_dict()}
         try:
             out = launch(config)
             if not self.check(out, reference):
                 record["error"] = "wrong result: output differs from the default config's"
                 return record
-            record["timing"] = timer(lambda: launch(config), config, key).to_dict()
+            timing = _time(timer, lambda: launch(config), config, key, bound_ms)
+            record["timing"] = timing.to_dict()
+            if getattr(timing, "stopped_early", False):
+                record["stopped_early"] = True
         except Exception as e:  # noqa: BLE001 - compile errors, out of resources, launch errors
             record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         return record
 
     def _entry(self, key, results: dict[Config, dict], default: Config, strategy: str, evaluations: int,
                timer) -> dict | None:
-        ok = [(r["timing"]["p50"], c) for c, r in results.items() if "timing" in r]
+        # a timing stopped early is a probe's, of a config clearly slower than another: never a
+        # winner or runner-up, but kept in "timings" (with its flag) as known slower
+        ok = [(r["timing"]["p50"], c) for c, r in results.items() if "timing" in r and not r.get("stopped_early")]
         if not ok:
             return None
         best_ms = min(ms for ms, _ in ok)
