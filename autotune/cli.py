@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import settings
-from .search import STRATEGIES
+from .search import DEFAULT_STRATEGY, STRATEGIES
 
 
 def _prepare_backend() -> bool:
@@ -236,9 +236,10 @@ def build_parser(registry) -> argparse.ArgumentParser:
     t.add_argument("--shapes", help="shapes as the op's dims joined by x, comma-separated, e.g. 4096x4096x4096,1x4096x11008")
     t.add_argument("--preset", help="a named shape preset of the op")
     t.add_argument("--dtype", help="comma-separated dtypes (default: the op's)")
-    t.add_argument("--strategy", default="local", choices=sorted(STRATEGIES),
-                   help="how to search each key's configs (default: local)")
-    t.add_argument("--budget", type=int, help="at most this many configs timed per key")
+    t.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(STRATEGIES),
+                   help=f"how to search each key's configs (default: {DEFAULT_STRATEGY})")
+    t.add_argument("--budget", type=int, help="at most this many configs timed per key (default: the "
+                                              "strategy's own, 50 for bayes and ils)")
     t.add_argument("--seconds", type=float, help="at most this many seconds per key")
     t.add_argument("--from-trace", metavar="FILE",
                    help=f"tune the (kernel, key) pairs of a trace FILE, which a run writes when "

@@ -41,7 +41,7 @@ from .cache import (CacheDir, check_name, decode_key, encode_key, entry_problem,
                     timing_records, warn_once)
 from .config import Config
 from .precompile import Precompiler, shared_pool, unavailable_reason
-from .search import STRATEGIES, make_strategy
+from .search import DEFAULT_STRATEGY, STRATEGIES, make_strategy
 from .space import Space
 from .timing import GPUTimer, Timing, WallClockTimer
 
@@ -401,7 +401,7 @@ class Tuner:
     shipped:  bundle files (from `autotune export`) shipped with the package.
     check:    (candidate outputs, default outputs) -> bool; a config failing it never wins.
     timer:    (run, config, key) -> Timing; do_bench on a GPU. Tests inject their own.
-    tie:      relative margin within which medians tie; ties go to the first config in
+    tie:      relative margin within which medians tie; ties go to the default, else the first config in
               the space's order, so two runs or two ranks choose alike.
     mode:     "on", "cached" or "off"; None: `default_mode()` ($AUTOTUNE_MODE) at each lookup.
     cache_dir: the user cache's root; None: `cache.default_cache_dir()` ($AUTOTUNE_CACHE_DIR).
@@ -422,7 +422,7 @@ class Tuner:
                  problem: Callable[[tuple], dict] | None = None, key_type: type | None = None,
                  sources: Sequence[Any] = (), shipped: Iterable[str | os.PathLike] = (),
                  check: Callable[[Any, Any], bool] = default_check, timer=None, mode: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, strategy: str = "local",
+                 cache_dir: str | os.PathLike | None = None, strategy: str = DEFAULT_STRATEGY,
                  max_evals: int | None = None, max_seconds: float | None = None, tie: float = 0.01,
                  precompile: bool | None = None, compile_workers: int | None = None, early_stop: bool = True):
         self.name = name
@@ -878,7 +878,9 @@ class Tuner:
             return None
         best_ms = min(ms for ms, _ in ok)
         tied = [c for ms, c in ok if ms <= best_ms * (1.0 + self.tie)]
-        winner = min(tied, key=self.space.order)
+        # the default when it ties (a tuned winner is then never slower than the default: any
+        # other config wins only by more than the tie), else the first tied config in order
+        winner = default if default in tied else min(tied, key=self.space.order)
         ranked = sorted(ok, key=lambda t: (t[0], self.space.order(t[1])))
         return {
             "winner": winner.to_dict(),

@@ -461,7 +461,7 @@ def measure_replay(runner: Runner, n_configs: int, shape: dict, dtype: str, dead
         "tuner": tuner.name, "key": list(key), "timer": runner.timer.describe(), "default": default.to_dict(),
         "table": [{"config": c.to_dict(), "ms": ms} for c, ms in times.items()], "errors": errors,
         "strategies": result["strategies"],
-        "note": "best-so-far ms after each evaluation (random: the mean over seeds), each strategy replayed "
+        "note": "the median best-so-far ms after each evaluation over the seeds, each strategy replayed "
                 "over the measured table"}
     print(f"== replay: {name}: " + ", ".join(f"{s} {len(v)} evals" for s, v in result["curves"].items()),
           flush=True)

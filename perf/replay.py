@@ -1,97 +1,160 @@
-"""Replay the tuner's search strategies over a timing table (per key: config -> ms).
+"""Replay the tuner's search strategies over a timing table (config -> ms).
 
-    python3 -m perf.replay [--table TABLE.json] [--out replay.json]    # replay (a synthetic table if none)
+    python3 -m perf.replay --table perf/data/kerneltuner/RTX_3090.json.gz   # a Kernel Tuner cache
+    python3 -m perf.replay [--table TABLE.json] [--out replay.json]          # ours (a synthetic one if none)
     python3 -m perf.replay --measure --shapes 4096x4096x4096,16x4096x11008 --dtype float16 --table T.json
-                                                                        # GPU: time every config first
+                                                                              # GPU: time every config first
 
-For each key and strategy it reports how many evaluations it needs to come
-within 2% of the table's best, and the best-so-far curve (perf.report's
-replay plot). Random sampling is averaged over seeds. Without a table the
-table is synthetic (a roofline-like model of the matmul space with noise),
-and the output says so. `python3 -m perf.bench --replay N` times a small
-table of its own and replays it with the same `replay_timings`.
+For each table and strategy it runs the strategy SEEDS times (once for strategies the
+seed does not change) with a budget of BUDGET distinct configs and reports the median
+number of configs evaluated until one is within 2% and within 5% of the table's best (a
+run that never gets there counts as the budget), how many runs got there, and the median
+best-so-far curve (perf.report's replay plot). A run stops once it is within the
+tightest target; its curve holds its last value after that.
 
-A table is {"kernel", "synthetic", "device", "keys": {key as JSON: {"default":
-config JSON, "timings": {config JSON: ms, or null where the config failed}}}}.
+Two kinds of table:
+  * a Kernel Tuner cache file (`.json` or `.json.gz`, read by autotune.kerneltuner): every
+    config it holds is the space, with no heuristic default (each run starts from a config
+    its seed draws); perf/data/kerneltuner has two brute-forced ones;
+  * ours, {"kernel", "synthetic", "device", "keys": {key as JSON: {"default": config JSON,
+    "timings": {config JSON: ms, or null where the config failed}}}} for the matmul Space,
+    measured with --measure, or synthetic (a roofline-like model of the matmul space with
+    noise, said so in the output) when no table is given. `python3 -m perf.bench --replay N`
+    times a small table of its own and replays it with the same `replay_timings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import random
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Mapping
 
 from .backend import prepare_backend
 
-WITHIN = 0.02
-RANDOM_SEEDS = 20
+WITHIN = (0.02, 0.05)
+SEEDS = 30
+BUDGET = 1000
 
 
 # --------------------------------------------------------------------------- replay
 
 
-def _mean(values: list) -> float | None:
-    """The mean of the runs' best-so-far at one evaluation; None while any run has found
-    no working config yet (there is no best to average)."""
-    return None if any(v is None for v in values) else sum(values) / len(values)
+def _median_curve(runs: list[list], length: int) -> list:
+    """The median over runs of the best-so-far after each evaluation, each run held at its
+    last value once it stopped; None while any run has found no working config yet."""
+    out = []
+    for i in range(length):
+        values = [r[min(i, len(r) - 1)] if r else None for r in runs]
+        out.append(None if any(v is None for v in values) else statistics.median(values))
+    return out
 
 
-def replay_timings(timings: Mapping, start, space, *, seeds: int = RANDOM_SEEDS, within: float = WITHIN) -> dict:
+def run_strategy(name: str, configs: list, timings: Mapping, start, space, *, seed: int, budget: int,
+                 stop_at: float | None = None) -> list:
+    """One run of strategy `name` over `timings`: the best-so-far ms after each evaluation
+    (None before a config has worked), stopping at `budget` configs or once the best so far
+    is at most `stop_at` ms."""
+    from autotune import make_strategy
+
+    s = make_strategy(name, configs, start=start, neighbours=space.neighbours, seed=seed, max_evals=budget)
+    curve, so_far = [], None
+    while (c := s.ask()) is not None:
+        ms = timings.get(c)
+        s.tell(c, ms)
+        if ms is not None:
+            so_far = ms if so_far is None else min(so_far, ms)
+        curve.append(so_far)
+        if stop_at is not None and so_far is not None and so_far <= stop_at:
+            break
+    return curve
+
+
+def replay_timings(timings: Mapping, start, space, *, seeds: int = SEEDS, budget: int = BUDGET,
+                   within: tuple = WITHIN, strategies=None) -> dict:
     """Each autotune search strategy replayed over the timings of one key.
 
     timings:  Config -> ms (None: the config failed), the whole of what a strategy may ask for.
-    start:    the config a search starts from (the heuristic default), one of `timings`.
-    space:    the Space behind the configs: its order (exhaustive) and neighbours (local).
+    start:    the config a search starts from (the heuristic default), one of `timings`; None:
+              the table has no default, and each run starts from a config its seed draws.
+    space:    the Space behind the configs: its order (exhaustive) and neighbours (local, ils).
+    strategies: names to replay (default: every one in autotune.STRATEGIES).
 
-    Returns {"configs", "best_ms", "curves": {strategy: best-so-far ms after each evaluation,
-    None before a config has worked; random: the mean over `seeds` seeds}, "strategies":
-    {strategy: evaluations to come within `within` of the best, and how often it got there}}.
+    Returns {"configs", "best_ms", "budget", "seeds", "curves": {strategy: median best-so-far
+    ms after each evaluation}, "strategies": {strategy: {"runs", "within": {"2%": {"median":
+    evaluations until within 2% of the best (a miss counts as `budget`), "hits": runs that got
+    there}, "5%": ...}, "final_vs_best": the median run's best / the table's best,
+    "evaluations": the longest run}}}.
     """
-    from autotune import STRATEGIES, make_strategy
+    from autotune import STRATEGIES
 
     configs = sorted(timings, key=space.order)
     ok = [ms for ms in timings.values() if ms is not None]
     best = min(ok) if ok else None
+    budget = min(budget, len(configs))
     curves, stats = {}, {}
-    for name in STRATEGIES:
+    for name in strategies or STRATEGIES:
         runs = []
-        for seed in range(seeds if name == "random" else 1):
-            s = make_strategy(name, configs, start=start, neighbours=space.neighbours, seed=seed)
-            curve, so_far = [], None
-            while (c := s.ask()) is not None:
-                ms = timings.get(c)
-                s.tell(c, ms)
-                if ms is not None:
-                    so_far = ms if so_far is None else min(so_far, ms)
-                curve.append(so_far)
-            runs.append(curve)
+        for seed in range(seeds):
+            if seed and start is not None and not STRATEGIES[name].seeded:
+                runs.append(runs[0])  # the same start and a strategy the seed does not change: the same run
+                continue
+            # without a heuristic default, each run starts from a config the seed draws
+            first = start if start is not None else random.Random(seed).choice(configs)
+            runs.append(run_strategy(name, configs, timings, first, space, seed=seed, budget=budget,
+                                     stop_at=None if best is None else best * (1 + min(within))))
         length = max(len(r) for r in runs)
-        curves[name] = [_mean([r[min(i, len(r) - 1)] for r in runs]) for i in range(length)]
-        target = None if best is None else best * (1 + within)
-        hits = [next((i + 1 for i, v in enumerate(r) if v is not None and target is not None and v <= target), None)
-                for r in runs]
-        reached = [h for h in hits if h]
-        finals = [r[-1] for r in runs if r and r[-1] is not None]
-        stats[name] = {"evaluations_to_within": sum(reached) / len(reached) if reached else None,
-                       "reached": len(reached) / len(runs),
-                       "final_vs_best": min(finals) / best if finals else None, "evaluations": length}
-    return {"configs": len(configs), "best_ms": best, "curves": curves, "strategies": stats}
+        curves[name] = _median_curve(runs, length)
+        reached = {}
+        for w in within:
+            target = None if best is None else best * (1 + w)
+            hits = [next((i + 1 for i, v in enumerate(r) if v is not None and v <= target), None)
+                    if target is not None else None for r in runs]
+            reached[f"{w:.0%}"] = {"median": statistics.median(h or budget for h in hits),
+                                   "hits": sum(h is not None for h in hits)}
+        finals = [r[-1] / best if r and r[-1] is not None and best else math.inf for r in runs]
+        stats[name] = {"runs": len(runs), "within": reached, "final_vs_best": statistics.median(finals),
+                       "evaluations": length}
+    return {"configs": len(configs), "best_ms": best, "budget": budget, "seeds": seeds, "curves": curves,
+            "strategies": stats}
 
 
-def replay(table: dict) -> dict:
-    """`replay_timings` for every key of a matmul timing table."""
+def replay(table: dict, **kwargs) -> dict:
+    """`replay_timings` for every key of a timing table: ours (matmul) or a Kernel Tuner cache's."""
     from autotune import Config
+    from autotune.kerneltuner import is_cache, table_from_cache
+
+    out = {"synthetic": table.get("synthetic", False), "device": table.get("device"), "within": list(WITHIN),
+           "keys": {}}
+    if is_cache(table):
+        t = table_from_cache(table, table.get("_source", "<cache>"))
+        out.update(device=t.device, kernel=t.kernel)
+        name = f"{t.kernel} on {t.device} ({len(t.timings)} configs)"
+        out["keys"][name] = replay_timings(t.timings, None, t.space, **kwargs)
+        return out
     from tritonops.tuning.matmul import MATMUL_SPACE
 
-    out = {"synthetic": table.get("synthetic", False), "device": table.get("device"), "within": WITHIN, "keys": {}}
     for key, data in table["keys"].items():
         timings = {Config.from_json(c): ms for c, ms in data["timings"].items()}
-        out["keys"][key] = replay_timings(timings, Config.from_json(data["default"]), MATMUL_SPACE)
+        out["keys"][key] = replay_timings(timings, Config.from_json(data["default"]), MATMUL_SPACE, **kwargs)
     return out
+
+
+def read_table(path: str | Path) -> dict:
+    """A timing table file, `.json` or `.json.gz`, parsed (checked when it is replayed)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict):
+        data["_source"] = str(path)
+    return data
 
 
 # --------------------------------------------------------------------------- tables
@@ -144,8 +207,9 @@ def measure_table(shapes: list[tuple], dtype: str, budget: int | None = None) ->
     table = {}
     for M, N, K in shapes:
         key = matmul_call_keys(M, N, K, dtype)[0]
+        # every config timed in full: a table holds times, never an early stop's probe
         entry = MATMUL_TUNER.tune(key, strategy="random" if budget else "exhaustive", max_evals=budget,
-                                  store=False)
+                                  store=False, early_stop=False)
         if entry is None:
             raise RuntimeError(f"no config of matmul key {list(key)} ran")
         timings = {Config.from_dict(t["config"]): t["timing"]["p50"] if "timing" in t else None
@@ -159,41 +223,72 @@ def measure_table(shapes: list[tuple], dtype: str, budget: int | None = None) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m perf.replay", description=__doc__.splitlines()[0])
-    parser.add_argument("--table", help="timing table JSON (written with --measure, read otherwise)")
+    parser.add_argument("--table", action="append",
+                        help="timing table (.json or .json.gz: ours, or a Kernel Tuner cache file); may be "
+                             "repeated; with --measure, the file to write")
+    parser.add_argument("--strategies", help="comma-separated strategies (default: all)")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help=f"runs per seeded strategy (default {SEEDS})")
+    parser.add_argument("--budget", type=int, default=BUDGET,
+                        help=f"distinct configs a run may evaluate (default {BUDGET})")
     parser.add_argument("--measure", action="store_true", help="time every config on the GPU into --table")
     parser.add_argument("--shapes", default="4096x4096x4096,16x4096x11008,1024x14336x4096")
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--budget", type=int, help="with --measure: time this many configs per shape (random)")
+    parser.add_argument("--sample", type=int, help="with --measure: time this many configs per shape (random)")
     parser.add_argument("--out", help="replay results JSON (perf.report draws its 'replay' section)")
     args = parser.parse_args(argv)
+    from autotune import STRATEGIES
+
+    strategies = args.strategies.split(",") if args.strategies else None
+    unknown = sorted(set(strategies or ()) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; expected some of {sorted(STRATEGIES)}")
+    if args.seeds < 1 or args.budget < 1:
+        parser.error("--seeds and --budget must be at least 1")
     gpu = prepare_backend()
     if args.measure:
         if not gpu:
             print("replay: --measure needs a GPU", file=sys.stderr)
             return 2
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        table = measure_table(shapes, args.dtype, args.budget)
-        Path(args.table or "matmul_timing_table.json").write_text(json.dumps(table, indent=1))
+        table = measure_table(shapes, args.dtype, args.sample)
+        path = (args.table or ["matmul_timing_table.json"])[0]
+        Path(path).write_text(json.dumps(table, indent=1))
+        tables = [table]
     elif args.table:
-        table = json.loads(Path(args.table).read_text())
+        tables = [read_table(t) for t in args.table]
     else:
-        table = synthetic_table()
+        tables = [synthetic_table()]
         print("replay: no timing table given: a SYNTHETIC table (a model, not measurements)")
-    result = replay(table)
-    for key, r in result["keys"].items():
-        best = "none ran" if r["best_ms"] is None else f"{r['best_ms']:.4f} ms"
-        print(f"{key}: {r['configs']} configs, best {best}")
-        for name, s in r["strategies"].items():
-            n, final = s["evaluations_to_within"], s["final_vs_best"]
-            print(f"  {name:10s} within {WITHIN:.0%} of best after "
-                  f"{'never' if n is None else f'{n:6.1f}'} evaluations "
-                  f"(reached in {s['reached']:.0%} of runs; {s['evaluations']} evaluations in all; "
-                  f"final {'-' if final is None else f'{final:.3f}'}x best)")
+    results = []
+    for table in tables:
+        t0 = time.perf_counter()
+        try:
+            result = replay(table, seeds=args.seeds, budget=args.budget, strategies=strategies)
+        except ValueError as e:
+            print(f"replay: {e}", file=sys.stderr)
+            return 2
+        results.append(result)
+        for key, r in result["keys"].items():
+            print(format_summary(key, r) + f"({time.perf_counter() - t0:.0f} s)")
     if args.out:
         replay_section = {f"{key}{' (synthetic)' if result['synthetic'] else ''}": r["curves"]
-                          for key, r in result["keys"].items()}
-        Path(args.out).write_text(json.dumps({"replay": replay_section, "replay_summary": result}, indent=1))
+                          for result in results for key, r in result["keys"].items()}
+        summary = results[0] if len(results) == 1 else {"synthetic": any(r["synthetic"] for r in results),
+                                                         "device": ", ".join(str(r["device"]) for r in results),
+                                                         "tables": results}
+        Path(args.out).write_text(json.dumps({"replay": replay_section, "replay_summary": summary}, indent=1))
     return 0
+
+
+def format_summary(key: str, r: dict) -> str:
+    """One table's replay as text: per strategy, the median evaluations to each target and the hits."""
+    best = "none ran" if r["best_ms"] is None else f"{r['best_ms']:.4f} ms"
+    lines = [f"{key}: {r['configs']} configs, best {best}; budget {r['budget']}, {r['seeds']} seeds "
+             f"(a miss counts as the budget)"]
+    for name, s in r["strategies"].items():
+        parts = [f"within {w}: {v['median']:g} ({v['hits']}/{s['runs']})" for w, v in s["within"].items()]
+        lines.append(f"  {name:10s} " + ", ".join(parts) + f"; final {s['final_vs_best']:.3f}x best")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

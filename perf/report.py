@@ -46,6 +46,7 @@ def load(paths) -> list[dict]:
             summary = data.get("replay_summary") or {}
             device = summary.get("device") or "unknown device"
             data = {"replay": data["replay"], "cases": [], "ops": {}, "ceilings": {}, "_replay_only": True,
+                    "_replay_summary": summary,
                     "device": {"name": f"replay table ({'synthetic' if summary.get('synthetic') else device})",
                                "gpu": None}}
         if int(data.get("schema_version", 0)) > SCHEMA_VERSION:
@@ -297,6 +298,8 @@ def md_table(header, rows) -> list[str]:
 
 def write_markdown(runs, figures: dict, speed: dict, speed_png, replay_png, out: Path) -> Path:
     md = ["# tritonops benchmark report", ""]
+    if all(r.get("_replay_only") for r in runs):  # replays of timing tables only: no runs of ours to list
+        return write_replay_markdown(runs, replay_png, out, md)
     if not has_gpu_run(runs):
         md += ["> **NO GPU.** Every number below is a wall-clock time of Triton's CPU interpreter on tiny "
                "shapes: these are NOT performance numbers; they only show that the runner and the report work.", ""]
@@ -365,8 +368,7 @@ def write_markdown(runs, figures: dict, speed: dict, speed_png, replay_png, out:
         md += [f"{metric}; in brackets the speed-up over torch, then the % of the ceiling.", ""]
         md += md_table(["shape", *(f"{p} @ {lab}" if multi else p for lab, p in series)], table)
     if replay_png:
-        md += ["## Autotuner replay", "", "Each search strategy replayed over one measured table of configs: "
-               "the best time found after each evaluation.", "", f"![replay]({replay_png.name})", ""]
+        md += replay_section(runs, replay_png)
     if errors:
         md += ["## Errors", ""]
         seen = {}
@@ -375,6 +377,34 @@ def write_markdown(runs, figures: dict, speed: dict, speed_png, replay_png, out:
         for (prov, err), where in seen.items():
             md += [f"- **{prov}** ({len(where)} cases, e.g. {where[0]}): `{err.replace('`', chr(39))}`"]
         md += [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def replay_section(runs, replay_png) -> list[str]:
+    md = ["## Autotuner replay", "", "Each search strategy replayed over one measured table of configs: "
+          "the median best time found after each evaluation.", "", f"![replay]({replay_png.name})", ""]
+    rows = []
+    for r in runs:
+        summary = r.get("_replay_summary") or {}
+        for table in summary.get("tables", [summary]):
+            for key, result in (table.get("keys") or {}).items():
+                for name, stats in result.get("strategies", {}).items():
+                    within = stats.get("within") or {}
+                    rows.append([key, name, *(f"{within[w]['median']:g} ({within[w]['hits']}/{stats['runs']})"
+                                              if w in within else "-" for w in ("2%", "5%"))])
+    if rows:
+        md += ["Distinct configs evaluated until one is within 2% / 5% of the table's best: the median over "
+               "the runs (a run that never gets there counts as the budget), and in brackets the runs that "
+               "got there.", ""]
+        md += md_table(["table", "strategy", "within 2%", "within 5%"], rows)
+    return md
+
+
+def write_replay_markdown(runs, replay_png, out: Path, md: list[str]) -> Path:
+    if replay_png:
+        md += replay_section(runs, replay_png)
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path

@@ -175,9 +175,15 @@ def test_wrong_and_failing_configs_never_win(tmp_path):
 
 
 def test_ties_break_in_a_fixed_order(tmp_path):
+    """Within the tie margin the default wins (a tuned config is never slower than it);
+    without the default among the tied, the first tied config in the space's order."""
+    default = Config({"BLOCK": 16, "SPLIT": 1}, num_warps=4, num_stages=1)
     flat = CountingTimer(lambda c: 1.0 + 0.001 * (hash(c) % 7))  # all within the 1% tie margin
     winners = {Config.from_dict(make_tuner(tmp_path / str(i), flat).tune((1,))["winner"]) for i in range(3)}
-    assert winners == {SPACE.configs()[0]}
+    assert winners == {default}
+    slow_default = CountingTimer(lambda c: 2.0 if c == default else 1.0 + 0.001 * (hash(c) % 7))
+    winners = {Config.from_dict(make_tuner(tmp_path / f"s{i}", slow_default).tune((1,))["winner"]) for i in range(3)}
+    assert winners == {SPACE.configs()[0]} and SPACE.configs()[0] != default
 
 
 def test_cached_mode_never_times_and_uses_the_nearest_key(tmp_path):

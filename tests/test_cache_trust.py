@@ -420,7 +420,8 @@ def test_show_and_lookups_survive_odd_values(tmp_path, monkeypatch, capsys):
 def test_names_with_spaces_and_keys_with_tuples(tmp_path):
     """A plain name may hold spaces; a key field may be a tuple (a decorator key over a tuple
     argument): both round-trip through the file."""
-    tuner = Tuner("my kernel", Space({"B": [1, 2]}, num_warps=[4], num_stages=[1]), lambda key: Config({"B": 1}),
+    tuner = Tuner("my kernel", Space({"B": [1, 2]}, num_warps=[4], num_stages=[1]),
+                  lambda key: Config({"B": 1}, num_warps=4, num_stages=1),
                   runner=lambda key: (lambda config: torch.ones(1)), timer=CountingTimer(lambda c: c["B"]),
                   cache_dir=tmp_path, mode="on", strategy="exhaustive")
     key = (8, (2, 3), "float16")

@@ -238,28 +238,35 @@ def test_report_reads_a_replay_only_file(tmp_path):
 def test_replay_timings_curves():
     """One replay over a table of config -> ms: best-so-far curves that never rise, every
     strategy reaching the best of a table whose best is next to the start."""
+    from autotune import STRATEGIES
     from tritonops.tuning.matmul import MATMUL_SPACE, matmul_call_keys, matmul_heuristic
 
     start = matmul_heuristic(matmul_call_keys(64, 64, 64, "bfloat16")[0])
     near = [c for c in MATMUL_SPACE.neighbours(start)][:4]
     timings = {start: 2.0, near[0]: 1.0, near[1]: None, near[2]: 3.0, near[3]: 2.5}
     r = replay.replay_timings(timings, start, MATMUL_SPACE, seeds=3)
-    assert r["configs"] == 5 and r["best_ms"] == 1.0
-    assert set(r["curves"]) == {"exhaustive", "random", "local"}
+    assert r["configs"] == 5 and r["best_ms"] == 1.0 and r["budget"] == 5
+    assert set(r["curves"]) == set(STRATEGIES)
     for name, curve in r["curves"].items():
         values = [v for v in curve if v is not None]
         assert values and all(a >= b for a, b in zip(values, values[1:])), name
-        assert values[-1] == 1.0 and r["strategies"][name]["reached"] == 1.0, name
-    assert r["curves"]["random"][0] == 2.0  # every seed starts from the default
-    assert len(r["curves"]["exhaustive"]) == 5
+        stats = r["strategies"][name]
+        assert values[-1] == 1.0 and stats["within"]["2%"]["hits"] == stats["runs"] == 3, name
+        if name != "exhaustive":
+            assert curve[0] == 2.0, name  # every run starts from the default
+    # exhaustive goes in the space's order, and a run stops once it is within 2% of the best
+    order = sorted(timings, key=MATMUL_SPACE.order)
+    assert r["strategies"]["exhaustive"]["within"]["2%"]["median"] == order.index(near[0]) + 1
+    assert len(r["curves"]["exhaustive"]) == order.index(near[0]) + 1
 
 
 def test_replay_benchmark_on_the_synthetic_table():
     table = replay.synthetic_table()
     key = next(iter(table["keys"]))
-    result = replay.replay({**table, "keys": {key: table["keys"][key]}})["keys"][key]["strategies"]
-    assert result["local"]["reached"] == 1.0 and result["exhaustive"]["reached"] == 1.0
-    assert result["local"]["evaluations_to_within"] < result["exhaustive"]["evaluations_to_within"]
+    result = replay.replay({**table, "keys": {key: table["keys"][key]}}, seeds=3)["keys"][key]["strategies"]
+    for name in ("local", "exhaustive", "bayes"):
+        assert result[name]["within"]["2%"]["hits"] == result[name]["runs"], name
+    assert result["local"]["within"]["2%"]["median"] < result["exhaustive"]["within"]["2%"]["median"]
 
 
 def test_synthetic_table_keys_are_the_ops_keys():
@@ -285,7 +292,9 @@ def test_bench_replay_feeds_the_report(tmp_path):
     res = json.loads(out.read_text())
     assert "replay_error" not in res, res.get("replay_error")
     (name, curves), = res["replay"].items()
-    assert set(curves) == {"exhaustive", "random", "local"}
+    from autotune import STRATEGIES
+
+    assert set(curves) == set(STRATEGIES)
     assert all(isinstance(v, float) for curve in curves.values() for v in curve)
     meta = res["replay_meta"][name]
     assert meta["key"][:3] == [16, 16, 16] and len(meta["table"]) == 3
