@@ -166,9 +166,18 @@ def merge_entries(old: dict | None, new: dict) -> dict:
     keep, other = (new, old) if entry_time(new) <= entry_time(old) else (old, new)
     merged = dict(keep)
     timings = {json.dumps(t["config"], sort_keys=True): t for t in timing_records(other)}
-    timings.update({json.dumps(t["config"], sort_keys=True): t for t in timing_records(keep)})
+    for t in timing_records(keep):
+        text = json.dumps(t["config"], sort_keys=True)
+        # a full timing is never replaced by a probe's that stopped early (it says less)
+        if t.get("stopped_early") and text in timings and _full_timing(timings[text]):
+            continue
+        timings[text] = t
     merged["timings"] = list(timings.values())
     return merged
+
+
+def _full_timing(record: dict) -> bool:
+    return "timing" in record and not record.get("stopped_early")
 
 
 class KernelFile:

@@ -61,14 +61,34 @@ class TimingTable:
 
 def read_cache(path: str | os.PathLike) -> TimingTable:
     """The timing table of a Kernel Tuner cache file (`.json` or `.json.gz`)."""
+    return table_from_cache(load_json(path), str(path))
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """A `.json` or `.json.gz` file, parsed; a ValueError naming the file when it cannot be.
+
+    Kernel Tuner appends each record to its cache file as it goes and closes the JSON only
+    when tuning ends, so a file of an interrupted run lacks its closing braces (and may end
+    in a comma); as Kernel Tuner itself does, such a file is read as if closed."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable Kernel Tuner cache file ({type(e).__name__}: {e})") from None
-    return table_from_cache(data, str(path))
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable file ({type(e).__name__}: {e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        error = e
+    closed = text.rstrip().removesuffix(",") + "}}"
+    try:
+        data = json.loads(closed)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not is_cache(data):  # the repair is for Kernel Tuner's unterminated caches only
+        raise ValueError(f"{path}: not valid JSON ({error})")
+    return data
 
 
 def is_cache(data: Any) -> bool:
@@ -92,8 +112,14 @@ def table_from_cache(data: Any, source: str = "<cache>") -> TimingTable:
             raise ValueError(f"{source}: tune parameter {name!r} must list scalar values, got {values!r}")
         if len({(type(v), v) for v in values}) != len(values):
             raise ValueError(f"{source}: tune parameter {name!r} lists a value twice: {values!r}")
+        # one kind of value per parameter: numbers, strings or bools (a Space orders its values)
+        kinds = {"bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else "str"
+                 for v in values}
+        if len(kinds) > 1:
+            raise ValueError(f"{source}: tune parameter {name!r} mixes {' and '.join(sorted(kinds))} values: "
+                             f"{values!r}")
     order = data.get("tune_params_keys", list(params))
-    if not isinstance(order, list) or sorted(order) != sorted(params):
+    if not (isinstance(order, list) and all(isinstance(n, str) for n in order)) or sorted(order) != sorted(params):
         raise ValueError(f"{source}: 'tune_params_keys' {order!r} must name exactly the tune parameters")
 
     launch = {name: params[name] for name in order if name in LAUNCH_FIELDS}

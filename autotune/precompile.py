@@ -148,6 +148,11 @@ def _run_patched() -> Iterable[None]:
                 cls.run = _patched["run"]  # left in _patched: a run already past the check still finds it
 
 
+def capturing() -> bool:
+    """This thread is inside `capture_launches`: its kernel launches run nothing."""
+    return getattr(_capture_local, "launches", None) is not None
+
+
 def capture_launches(call: Callable[[], Any]) -> list[KernelLaunch]:
     """The Triton JIT launches `call()` makes, none of them compiled or run.
 

@@ -8,7 +8,7 @@ Each has a budget in evaluations (`max_evals`) and/or seconds (`max_seconds`), i
 deterministic for a `seed`, and asks only for configs of its list, each at most once.
 Every strategy but "exhaustive" asks for the start config (the heuristic default)
 first, so what it finds is never slower than the default. `pending()` names configs
-a strategy has already decided to ask next (a tuner compiles them ahead of timing).
+a strategy expects to ask next (a tuner compiles them ahead of timing).
 
 DEFAULT_STRATEGY is chosen by measurement: `python3 -m perf.replay --table` over real,
 brute-forced GPU timing tables (perf/data/kerneltuner), README's autotune section.
@@ -59,7 +59,8 @@ class Strategy:
         raise NotImplementedError
 
     def pending(self) -> list[Config]:
-        """Configs this strategy will ask next whatever it is told (may be empty)."""
+        """Configs this strategy currently expects to ask next, most likely first (may be
+        empty; what it is told may change them): a tuner compiles them ahead of timing."""
         return []
 
     # results -------------------------------------------------------------
@@ -161,6 +162,8 @@ class IteratedLocalSearch(Strategy):
 
     def tell(self, config, ms):
         super().tell(config, ms)
+        if config not in self.allowed:  # told of a config outside the list: recorded, never descended from
+            return
         kicked = self._kicked is not None and config == self._kicked
         if kicked:
             self._kicked = None
@@ -184,7 +187,7 @@ class IteratedLocalSearch(Strategy):
         best = self.best()
         if not untried or best is None:
             return untried[0] if untried else None
-        mine, want = self._fields[best[0]], self.rng.choice(self.KICK)
+        mine, want = _fields(best[0]), self.rng.choice(self.KICK)
         by_distance: dict[int, list[Config]] = {}
         for c in untried:
             by_distance.setdefault(_differences(mine, self._fields[c]), []).append(c)

@@ -40,7 +40,7 @@ from . import settings
 from .cache import (CacheDir, check_name, decode_key, encode_key, entry_problem, entry_time, read_bundle,
                     timing_records, warn_once)
 from .config import Config
-from .precompile import Precompiler, shared_pool, unavailable_reason
+from .precompile import Precompiler, capturing, shared_pool, unavailable_reason
 from .search import DEFAULT_STRATEGY, STRATEGIES, make_strategy
 from .space import Space
 from .timing import GPUTimer, Timing, WallClockTimer
@@ -533,6 +533,10 @@ class Tuner:
 
     def _select_slow(self, key: tuple) -> Config:
         key = self.make_key(key)
+        if capturing():
+            # a launcher whose launches are being captured for compiling ahead: no kernel runs,
+            # so nothing may be tuned (its timings and checks would be of nothing) or remembered
+            return self.default(key)
         enc = encode_key(key)
         mode = self.mode or default_mode()
         config, source = None, "default"

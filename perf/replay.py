@@ -26,7 +26,6 @@ Two kinds of table:
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import random
@@ -89,7 +88,8 @@ def replay_timings(timings: Mapping, start, space, *, seeds: int = SEEDS, budget
     Returns {"configs", "best_ms", "budget", "seeds", "curves": {strategy: median best-so-far
     ms after each evaluation}, "strategies": {strategy: {"runs", "within": {"2%": {"median":
     evaluations until within 2% of the best (a miss counts as `budget`), "hits": runs that got
-    there}, "5%": ...}, "final_vs_best": the median run's best / the table's best,
+    there, "p90" and "worst": the 90th percentile and the most of the runs' evaluations},
+    "5%": ...}, "final_vs_best": the median run's best / the table's best,
     "evaluations": the longest run}}}.
     """
     from autotune import STRATEGIES
@@ -105,8 +105,9 @@ def replay_timings(timings: Mapping, start, space, *, seeds: int = SEEDS, budget
             if seed and start is not None and not STRATEGIES[name].seeded:
                 runs.append(runs[0])  # the same start and a strategy the seed does not change: the same run
                 continue
-            # without a heuristic default, each run starts from a config the seed draws
-            first = start if start is not None else random.Random(seed).choice(configs)
+            # without a heuristic default, each run starts from a config the seed draws, from a
+            # stream of its own (the strategy's Random(seed) would otherwise draw the same bits)
+            first = start if start is not None else random.Random(f"start {seed}").choice(configs)
             runs.append(run_strategy(name, configs, timings, first, space, seed=seed, budget=budget,
                                      stop_at=None if best is None else best * (1 + min(within))))
         length = max(len(r) for r in runs)
@@ -116,8 +117,9 @@ def replay_timings(timings: Mapping, start, space, *, seeds: int = SEEDS, budget
             target = None if best is None else best * (1 + w)
             hits = [next((i + 1 for i, v in enumerate(r) if v is not None and v <= target), None)
                     if target is not None else None for r in runs]
-            reached[f"{w:.0%}"] = {"median": statistics.median(h or budget for h in hits),
-                                   "hits": sum(h is not None for h in hits)}
+            counts = sorted(h or budget for h in hits)
+            reached[f"{w:.0%}"] = {"median": statistics.median(counts), "hits": sum(h is not None for h in hits),
+                                   "p90": counts[math.ceil(0.9 * len(counts)) - 1], "worst": counts[-1]}
         finals = [r[-1] / best if r and r[-1] is not None and best else math.inf for r in runs]
         stats[name] = {"runs": len(runs), "within": reached, "final_vs_best": statistics.median(finals),
                        "evaluations": length}
@@ -147,13 +149,14 @@ def replay(table: dict, **kwargs) -> dict:
 
 
 def read_table(path: str | Path) -> dict:
-    """A timing table file, `.json` or `.json.gz`, parsed (checked when it is replayed)."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict):
-        data["_source"] = str(path)
+    """A timing table file, `.json` or `.json.gz`, parsed (checked when it is replayed); a
+    file that cannot be read or parsed is a ValueError naming it."""
+    from autotune.kerneltuner import load_json
+
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a timing table is a JSON object")
+    data["_source"] = str(path)
     return data
 
 
@@ -255,7 +258,11 @@ def main(argv=None) -> int:
         Path(path).write_text(json.dumps(table, indent=1))
         tables = [table]
     elif args.table:
-        tables = [read_table(t) for t in args.table]
+        try:
+            tables = [read_table(t) for t in args.table]
+        except ValueError as e:
+            print(f"replay: {e}", file=sys.stderr)
+            return 2
     else:
         tables = [synthetic_table()]
         print("replay: no timing table given: a SYNTHETIC table (a model, not measurements)")
@@ -286,7 +293,8 @@ def format_summary(key: str, r: dict) -> str:
     lines = [f"{key}: {r['configs']} configs, best {best}; budget {r['budget']}, {r['seeds']} seeds "
              f"(a miss counts as the budget)"]
     for name, s in r["strategies"].items():
-        parts = [f"within {w}: {v['median']:g} ({v['hits']}/{s['runs']})" for w, v in s["within"].items()]
+        parts = [f"within {w}: {v['median']:g} ({v['hits']}/{s['runs']}; p90 {v['p90']:g})"
+                 for w, v in s["within"].items()]
         lines.append(f"  {name:10s} " + ", ".join(parts) + f"; final {s['final_vs_best']:.3f}x best")
     return "\n".join(lines) + "\n"
 

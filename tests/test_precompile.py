@@ -566,3 +566,37 @@ def test_precompile_settings_are_checked_and_overridable(tmp_path):
     with pytest.raises(ValueError):
         make_tuner(tmp_path, compile_workers=-1)
     assert 1 <= precompile.default_workers() <= precompile.MAX_DEFAULT_WORKERS
+
+
+def test_merging_entries_keeps_a_full_timing_over_a_stopped_early_probe():
+    """A newer entry with a faster winner whose record of config X stopped early does not
+    erase an older full timing of X: the cache keeps the better-informed record."""
+    from autotune.cache import merge_entries
+
+    x, w = Config({"BLOCK": 32}), Config({"BLOCK": 64})
+    full = {"config": x.to_dict(), "timing": {"p20": 1.2, "p50": 1.3, "p80": 1.4}}
+    probe = {"config": x.to_dict(), "timing": {"p20": 2.0, "p50": 2.0, "p80": 2.0}, "stopped_early": True}
+    old = {"winner": x.to_dict(), "timing": full["timing"], "timings": [full]}
+    new = {"winner": w.to_dict(), "timing": {"p20": 1.0, "p50": 1.0, "p80": 1.0},
+           "timings": [probe, {"config": w.to_dict(), "timing": {"p20": 1.0, "p50": 1.0, "p80": 1.0}}]}
+    merged = merge_entries(old, new)
+    assert merged["winner"] == w.to_dict()
+    records = {json.dumps(r["config"], sort_keys=True): r for r in merged["timings"]}
+    assert records[json.dumps(x.to_dict(), sort_keys=True)] == full
+    # and a full timing in the newer entry replaces the older one as before
+    newer_full = {**full, "timing": {"p20": 1.1, "p50": 1.15, "p80": 1.2}}
+    merged = merge_entries(old, {**new, "timings": [newer_full]})
+    assert [r for r in merged["timings"] if r["config"] == x.to_dict()] == [newer_full]
+
+
+def test_a_tuner_asked_while_launches_are_captured_neither_tunes_nor_stores(tmp_path, monkeypatch):
+    """A launcher may look up another op's config; while its launches are captured for
+    compiling ahead nothing runs, so that lookup gets the default, is not remembered, and
+    tunes nothing; after the capture the same lookup tunes as usual."""
+    timer = CountingTimer()
+    tuner = make_tuner(tmp_path, timer, strategy="exhaustive")
+    monkeypatch.setattr(precompile._capture_local, "launches", [], raising=False)  # what capture_launches sets
+    assert tuner.select((7,)) == tuner.default((7,))
+    assert timer.calls == [] and (7,) not in tuner.sources and not list(tmp_path.rglob("*.json"))
+    monkeypatch.setattr(precompile._capture_local, "launches", None)
+    assert tuner.select((7,)) == BEST and tuner.sources[(7,)] == "tuned" and timer.calls
