@@ -99,6 +99,21 @@ def _no_interpreter_env() -> dict:
     return env
 
 
+def stand_in_driver(target):
+    """A driver class for JITFunction.run without a GPU: device 0, stream 0, and `target`."""
+    class StandInDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return target
+
+    return StandInDriver
+
+
 def sm90_checks() -> dict:
     """Run in a process without TRITON_INTERPRET; returns the facts the tests check."""
     import dataclasses
@@ -132,19 +147,9 @@ def sm90_checks() -> dict:
     job = precompile.compile_job(launches[0], target)
 
     # what JITFunction.run itself hands to its compile step, with a stand-in driver reporting sm90
-    class StandInDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_current_target(self):
-            return target
-
     seen = []
     _matmul_fwd_kernel._do_compile = lambda *args: seen.append(args)  # key, signature, device, constexprs,
-    driver.set_active(StandInDriver())  # options, attrs, warmup; returning None ends run before a launch
+    driver.set_active(stand_in_driver(target)())  # options, attrs, warmup; None ends run before a launch
     launch_matmul(a, b, out=out, config=MATMUL_CONFIG)
     del _matmul_fwd_kernel._do_compile
     _, signature, _, constexprs, options, attrs, _ = seen[0]
@@ -181,14 +186,20 @@ def sm90_checks() -> dict:
     return facts
 
 
-@pytest.fixture(scope="module")
-def sm90_facts(tmp_path_factory):
-    env = {**_no_interpreter_env(), "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton-cache"))}
-    code = "import json, tests.test_precompile as t; print('FACTS ' + json.dumps(t.sm90_checks()))"
+def facts_in_a_compiling_process(tmp_path_factory, checks: str) -> dict:
+    """What `checks()` of this module returns, run in a process without the interpreter (so
+    kernels compile for sm90) and with a fresh Triton cache directory."""
+    env = {**_no_interpreter_env(), "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp(f"{checks}-cache"))}
+    code = f"import json, tests.test_precompile as t; print('FACTS ' + json.dumps(t.{checks}()))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     lines = [line for line in r.stdout.splitlines() if line.startswith("FACTS ")]
     assert r.returncode == 0 and lines, r.stderr[-4000:]
     return json.loads(lines[-1][len("FACTS "):])
+
+
+@pytest.fixture(scope="module")
+def sm90_facts(tmp_path_factory):
+    return facts_in_a_compiling_process(tmp_path_factory, "sm90_checks")
 
 
 def test_capture_finds_a_matmul_configs_launch_and_runs_nothing(sm90_facts):
@@ -235,16 +246,7 @@ def tuner_checks() -> dict:
     from triton.runtime import driver
 
     target = GPUTarget("cuda", 90, 32)
-
-    class StandInDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_current_target(self):
-            return target
+    stand_in = stand_in_driver(target)
 
     def runner(key):
         x = torch.zeros(4096)
@@ -258,7 +260,7 @@ def tuner_checks() -> dict:
     compiles = []
     knobs.compilation.listener = lambda **kw: compiles.append(
         [kw["metadata"]["name"], kw["metadata"]["num_warps"], bool(kw.get("cache_hit"))])
-    driver.set_active(StandInDriver())
+    driver.set_active(stand_in())
     space = autotune.Space({"BLOCK": [128, 256, 512]}, num_warps=[1, 2], num_stages=[1])
     tuner = autotune.Tuner("double", space, lambda key: Config({"BLOCK": 128}, num_warps=1, num_stages=1),
                            runner=runner, timer=lambda run, config, key: Timing(1.0, 1.0, 1.0),
@@ -271,12 +273,7 @@ def tuner_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def tuner_facts(tmp_path_factory):
-    env = {**_no_interpreter_env(), "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("tuner-cache"))}
-    code = "import json, tests.test_precompile as t; print('FACTS ' + json.dumps(t.tuner_checks()))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("FACTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-4000:]
-    return json.loads(lines[-1][len("FACTS "):])
+    return facts_in_a_compiling_process(tmp_path_factory, "tuner_checks")
 
 
 def test_tuning_with_a_compile_pool_finds_its_configs_compiled(tuner_facts):
@@ -482,13 +479,19 @@ class RecordingPrecompiler(precompile.Precompiler):
         self.closed = True
 
 
-def test_the_tuner_keeps_the_pool_fed_ahead_of_the_search(tmp_path, monkeypatch):
-    events = []
-
+def event_timer(events: list):
+    """A CountingTimer class whose timings are also logged to `events` as ("time", config)."""
     class Timer(CountingTimer):
         def __call__(self, run, config, key):
             events.append(("time", config))
             return super().__call__(run, config, key)
+
+    return Timer
+
+
+def test_the_tuner_keeps_the_pool_fed_ahead_of_the_search(tmp_path, monkeypatch):
+    events = []
+    Timer = event_timer(events)
 
     class Lookahead(autotune.search.Exhaustive):
         asked = []
@@ -521,11 +524,7 @@ def test_the_tuner_keeps_the_pool_fed_ahead_of_the_search(tmp_path, monkeypatch)
 
 def test_without_pending_the_tuner_still_sends_each_config_before_timing_it(tmp_path, monkeypatch):
     events = []
-
-    class Timer(CountingTimer):
-        def __call__(self, run, config, key):
-            events.append(("time", config))
-            return super().__call__(run, config, key)
+    Timer = event_timer(events)
 
     monkeypatch.setattr(autotune.tuner, "make_strategy",
                         lambda name, configs, **kw: autotune.search.Exhaustive(configs, **kw))
@@ -539,11 +538,7 @@ def test_without_pending_the_tuner_still_sends_each_config_before_timing_it(tmp_
 
 def test_with_workers_still_starting_the_default_is_not_waited_for(tmp_path, monkeypatch):
     events = []
-
-    class Timer(CountingTimer):
-        def __call__(self, run, config, key):
-            events.append(("time", config))
-            return super().__call__(run, config, key)
+    Timer = event_timer(events)
 
     recorder = RecordingPrecompiler(events, started=False)
     tuner = make_tuner(tmp_path, timer=Timer(), max_evals=3)
