@@ -166,9 +166,11 @@ def merge_entries(old: dict | None, new: dict) -> dict:
     keep, other = (new, old) if entry_time(new) <= entry_time(old) else (old, new)
     merged = dict(keep)
     timings = {json.dumps(t["config"], sort_keys=True): t for t in timing_records(other)}
+    # the faster entry's record of a config wins, an error record included (a config that
+    # failed or computed a wrong answer there is not to be trusted on its older time), but a
+    # full timing is never replaced by the probe of an early stop (which says less)
     for t in timing_records(keep):
         text = json.dumps(t["config"], sort_keys=True)
-        # a full timing is never replaced by a probe's that stopped early (it says less)
         if t.get("stopped_early") and text in timings and _full_timing(timings[text]):
             continue
         timings[text] = t
@@ -177,7 +179,9 @@ def merge_entries(old: dict | None, new: dict) -> dict:
 
 
 def _full_timing(record: dict) -> bool:
-    return "timing" in record and not record.get("stopped_early")
+    """A record with a usable time (see time_ms) that was not cut short by an early stop."""
+    timing = record.get("timing")
+    return isinstance(timing, dict) and time_ms(timing.get("p50")) < math.inf and not record.get("stopped_early")
 
 
 class KernelFile:

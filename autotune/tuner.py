@@ -535,8 +535,10 @@ class Tuner:
         key = self.make_key(key)
         if capturing():
             # a launcher whose launches are being captured for compiling ahead: no kernel runs,
-            # so nothing may be tuned (its timings and checks would be of nothing) or remembered
-            return self.default(key)
+            # so nothing may be tuned (its timings and checks would be of nothing), stored or
+            # remembered; a stored config is what the real launch will use, so it is compiled
+            stored = self._valid_user().get(encode_key(key)) or self._valid_shipped().get(encode_key(key))
+            return stored.config if stored is not None else self.default(key)
         enc = encode_key(key)
         mode = self.mode or default_mode()
         config, source = None, "default"

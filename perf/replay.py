@@ -142,6 +142,9 @@ def replay(table: dict, **kwargs) -> dict:
         return out
     from tritonops.tuning.matmul import MATMUL_SPACE
 
+    if not isinstance(table.get("keys"), dict):
+        raise ValueError(f"{table.get('_source', 'the table')}: neither a Kernel Tuner cache nor a timing table "
+                         "of ours (no 'keys')")
     for key, data in table["keys"].items():
         timings = {Config.from_json(c): ms for c, ms in data["timings"].items()}
         out["keys"][key] = replay_timings(timings, Config.from_json(data["default"]), MATMUL_SPACE, **kwargs)

@@ -578,6 +578,10 @@ def test_merging_entries_keeps_a_full_timing_over_a_stopped_early_probe():
     assert merged["winner"] == w.to_dict()
     records = {json.dumps(r["config"], sort_keys=True): r for r in merged["timings"]}
     assert records[json.dumps(x.to_dict(), sort_keys=True)] == full
+    # a "full" record whose time is no time (read from disk) does not shield itself from the probe
+    broken = {**full, "timing": {"p20": 1.2, "p50": "bad", "p80": 1.4}}
+    merged = merge_entries({**old, "timings": [broken]}, new)
+    assert [r for r in merged["timings"] if r["config"] == x.to_dict()] == [probe]
     # and a full timing in the newer entry replaces the older one as before
     newer_full = {**full, "timing": {"p20": 1.1, "p50": 1.15, "p80": 1.2}}
     merged = merge_entries(old, {**new, "timings": [newer_full]})
@@ -595,3 +599,7 @@ def test_a_tuner_asked_while_launches_are_captured_neither_tunes_nor_stores(tmp_
     assert timer.calls == [] and (7,) not in tuner.sources and not list(tmp_path.rglob("*.json"))
     monkeypatch.setattr(precompile._capture_local, "launches", None)
     assert tuner.select((7,)) == BEST and tuner.sources[(7,)] == "tuned" and timer.calls
+    # a stored config is what the real launch will use: the capture gets it (and still remembers nothing)
+    again = make_tuner(tmp_path, CountingTimer(), strategy="exhaustive")
+    monkeypatch.setattr(precompile._capture_local, "launches", [])
+    assert again.select((7,)) == BEST and (7,) not in again.sources

@@ -190,13 +190,13 @@ def test_the_default_search_never_returns_a_config_slower_than_the_default(tmp_p
 def test_ils_takes_a_config_outside_its_list_in_its_stride(table):
     timings = slice_of(table, **SLICE)
     configs = sorted(timings, key=table.space.order)
-    s = make_strategy("ils", configs[1:], seed=0, max_evals=10)
+    s = make_strategy("ils", configs[1:], seed=0, max_evals=60)  # long enough to kick from that best
     s.tell(configs[0], 0.001)  # told, never asked (a stored timing a tuner reuses, say)
     asked = []
     while (c := s.ask()) is not None:
         asked.append(c)
         s.tell(c, timings[c])
-    assert len(asked) == 9 and configs[0] not in asked
+    assert len(asked) == 59 and configs[0] not in asked
 
 
 # --------------------------------------------------------------------------- reading caches
@@ -321,6 +321,11 @@ def test_replay_refuses_a_bad_table_with_a_message(tmp_path, capsys):
     path.write_text(json.dumps(tiny_cache(tune_params_keys=["BLOCK"])))
     assert replay.main(["--table", str(path)]) == 2
     assert "must name exactly" in capsys.readouterr().err
+    path.write_text(json.dumps({"something": "else"}))
+    assert replay.main(["--table", str(path)]) == 2
+    assert "neither a Kernel Tuner cache nor a timing table" in capsys.readouterr().err
+    assert replay.main(["--table", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: not a readable file" in capsys.readouterr().err
 
 
 def test_space_from_a_cache_names_its_parameters_in_order():
