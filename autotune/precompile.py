@@ -97,11 +97,13 @@ COMPILE_WAIT_S = 600.0
 
 
 class KernelLaunch(NamedTuple):
-    """One captured launch: the JITFunction and what its `run` was given (grid and warmup aside)."""
+    """One captured launch: the JITFunction, what its `run` was given (warmup aside) and its
+    grid (a tuple, or a callable of the launch's meta-parameters, as given)."""
 
     fn: Any
     args: tuple
     kwargs: dict
+    grid: Any = None
 
 
 _capture_lock = threading.Lock()
@@ -122,7 +124,7 @@ def _capturing_run(self, *args, grid=None, warmup=False, **kwargs):
     launches = getattr(_capture_local, "launches", None)
     if launches is None:
         return _patched["run"](self, *args, grid=grid, warmup=warmup, **kwargs)
-    launches.append(KernelLaunch(self, args, dict(kwargs)))
+    launches.append(KernelLaunch(self, args, dict(kwargs), grid))
     return None
 
 

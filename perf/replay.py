@@ -188,8 +188,8 @@ def synthetic_table(seed: int = 0) -> dict:
             configs.append(default)
         rows = {}
         for c in configs:
-            bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-            tiles = math.ceil(M / bm) * math.ceil(N / bn)
+            bm, bn, bk, split = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
+            tiles = math.ceil(M / bm) * math.ceil(N / bn) * split
             waves = math.ceil(tiles / 132)
             # useful fraction of each tile, and how well the tile feeds the tensor cores
             waste = (M * N) / (tiles * bm * bn)
@@ -198,7 +198,9 @@ def synthetic_table(seed: int = 0) -> dict:
             warps = 1.0 if (bm * bn >= 128 * 128) == (c.num_warps == 8) else 0.85
             k_eff = {16: 0.7, 32: 0.85, 64: 1.0, 128: 0.95}[bk]
             eff = min(1.0, 0.35 + 0.65 * min(1.0, intensity)) * pipe * warps * k_eff * waste
-            ms = waves * (bm * bn * K * 2) / (eff * 990e12 / 132) * 1e3
+            eff *= 1.08 if c["TMA"] else 1.0  # descriptor loads and a persistent grid
+            ms = waves * (bm * bn * K / split * 2) / (eff * 990e12 / 132) * 1e3
+            ms += 0.002 * (split > 1)  # the split-K reduction's launch
             rows[c] = ms * (1 + rng.gauss(0, 0.01))
         table[json.dumps(list(key))] = table_entry(default, rows)
     return {"kernel": "matmul", "synthetic": True, "device": "synthetic (model, not measured)", "keys": table}

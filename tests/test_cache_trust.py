@@ -21,11 +21,13 @@ from .test_autotune import BEST, CountingTimer, make_tuner
 
 SHAPE = (32, 40, 48)  # M, N, K of the call below: a (32, 48) @ b (48, 40)
 KEY = matmul_call_keys(*SHAPE, "float32")[0]
-GOOD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+GOOD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 2,
+        "host": {"TMA": False, "SPLIT_K": 1, "EPILOGUE_SUBTILE": False}}
 
 
 def _winner(**changes):
-    out = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    out = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
+           "host": dict(GOOD["host"])}
     for name, value in changes.items():
         if value is _DROP:
             out.pop(name)

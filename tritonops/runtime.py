@@ -6,10 +6,12 @@ at decoration time), so it is read here once, at import.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
 import torch
+import triton
 
 from autotune.device import device_fingerprint, device_properties, interpreter_active  # noqa: F401
 
@@ -59,3 +61,35 @@ def poisoned(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.bool else True)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU that runs launches on `device`, which sizes
+    persistent grids; off a GPU (the interpreter, the sm90 compile check), the stand-in
+    device's 132 (an H100's)."""
+    if device.type != "cuda" or INTERPRETER:
+        return device_properties()["multiprocessor_count"]
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return device_properties(index)["multiprocessor_count"]
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_descriptor_allocator(device: torch.device) -> None:
+    """Kernels that build tensor descriptors on the device take global scratch memory from
+    the allocator of `triton.set_allocator`, which Triton keeps per context (thread): set
+    one backed by torch's caching allocator where none is, before such a launch on a GPU.
+    An allocator the caller set stays."""
+    if device.type != "cuda" or INTERPRETER:
+        return
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

@@ -71,6 +71,7 @@ def _matmul_fwd_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the K loop
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
+    SPLIT_K: tl.constexpr = 1,  # > 1: programs share a tile's K; c_ptr is the fp32 (SPLIT_K, B, M, N) workspace
 ):
     acc_ty = acc_type(a_ptr.dtype.element_ty)  # float32, or float64 for float64 inputs
     pid = tl.program_id(0)
@@ -79,12 +80,7 @@ def _matmul_fwd_kernel(
     tiles = tiles_m * tiles_n
     batch = pid // tiles
     tile = pid % tiles
-    # Grouped order: GROUP_M row-tiles sweep the columns together, so their A and B tiles stay in L2.
-    tiles_in_group = GROUP_M * tiles_n
-    first_m = (tile // tiles_in_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % tiles_in_group) % group_rows
-    pid_n = (tile % tiles_in_group) // group_rows
+    pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,11 +89,26 @@ def _matmul_fwd_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
     batch = batch.to(tl.int64)
-    a_ptrs = a_ptr + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    k_steps = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K == 1:
+        first_step = 0
+        last_step = k_steps
+    else:
+        # Program ids run over (batch, split, tile): one split's programs sweep the tiles
+        # together, sharing that split's slice of A in L2. A split takes whole BLOCK_K steps.
+        split = batch % SPLIT_K
+        batch = batch // SPLIT_K
+        steps_per_split = tl.cdiv(k_steps, SPLIT_K)
+        first_step = split * steps_per_split
+        last_step = min(first_step + steps_per_split, k_steps)
+    k0 = first_step * BLOCK_K
+    a_ptrs = (a_ptr + batch * stride_ab + rows[:, None] * stride_am
+              + (k0 + offs_k[None, :]).to(tl.int64) * stride_ak)
+    b_ptrs = (b_ptr + batch * stride_bb + (k0 + offs_k[:, None]).to(tl.int64) * stride_bk
+              + cols[None, :] * stride_bn)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(first_step, last_step):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -109,14 +120,150 @@ def _matmul_fwd_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias).to(acc_ty)[None, :]
-    c_offs = batch * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        # The partial sum as it is; _splitk_reduce_kernel adds the splits in order (deterministic)
+        # and applies the epilogue. Workspace (SPLIT_K, B, M, N), contiguous.
+        B = tl.num_programs(0) // (tiles * SPLIT_K)
+        w_offs = (((split * B + batch) * M + offs_m[:, None].to(tl.int64)) * N + offs_n[None, :])
+        tl.store(c_ptr + w_offs, acc, mask=c_mask)
+    else:
+        c_offs = (batch * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm
+                  + offs_n[None, :].to(tl.int64) * stride_cn)
+        _store_epilogue(acc, c_ptr + c_offs, z_ptr + c_offs, bias_ptr + cols * stride_bias, c_mask,
+                        HAS_BIAS, ACTIVATION, STORE_PREACT)
+
+
+@triton.jit
+def _matmul_tma_kernel(
+    a_ptr,  # (M, K): K-major (stride_a = row stride) when A_KMAJOR, else M-major (stride_a = stride along K)
+    b_ptr,  # (K, N): K-major (stride_b = stride along N) when B_KMAJOR, else N-major (stride_b = stride along K)
+    c_ptr,  # (M, N) output, row stride stride_c, unit column stride
+    z_ptr,  # (M, N) pre-activation, strides of c, written when STORE_PREACT
+    bias_ptr,  # (N,)
+    M, N, K,
+    stride_a, stride_b, stride_c, stride_bias,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_KMAJOR: tl.constexpr, B_KMAJOR: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,  # store C in two (BLOCK_M, BLOCK_N / 2) halves: half the staging buffer
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """activation(A @ B + bias) on tensor descriptors (TMA on Hopper), with a persistent grid:
+    each program takes tiles pid, pid + programs, ... in grouped order. Operands need a unit
+    stride on one dim and 16-byte aligned base and other stride; loads past the edges read
+    zeros and stores past them are dropped, so nothing is masked."""
+    acc_ty = acc_type(a_ptr.dtype.element_ty)
+    if A_KMAJOR:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_a, 1], block_shape=[BLOCK_K, BLOCK_M])
+    if B_KMAJOR:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    C_BLOCK_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_c, 1], block_shape=[BLOCK_M, C_BLOCK_N])
     if STORE_PREACT:
-        tl.store(z_ptr + c_offs, cast_to(acc, z_ptr.dtype.element_ty), mask=c_mask)
-    out = _activation_fwd(acc, ACTIVATION)
-    tl.store(c_ptr + c_offs, cast_to(out, c_ptr.dtype.element_ty), mask=c_mask)
+        z_desc = tl.make_tensor_descriptor(z_ptr, shape=[M, N], strides=[stride_c, 1],
+                                           block_shape=[BLOCK_M, C_BLOCK_N])
+    else:
+        z_desc = c_desc
+
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+        for k in range(k_steps):
+            off_k = k * BLOCK_K
+            if A_KMAJOR:
+                a = a_desc.load([off_m, off_k])
+            else:
+                a = a_desc.load([off_k, off_m]).T
+            if B_KMAJOR:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            acc = tl.dot(upcast(a), upcast(b), acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc = _add_bias(acc, bias_ptr + (cols % N) * stride_bias, HAS_BIAS)
+        if EPILOGUE_SUBTILE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _store_tile(acc0, c_desc, z_desc, off_m, off_n, ACTIVATION, STORE_PREACT)
+            _store_tile(acc1, c_desc, z_desc, off_m, off_n + BLOCK_N // 2, ACTIVATION, STORE_PREACT)
+        else:
+            _store_tile(acc, c_desc, z_desc, off_m, off_n, ACTIVATION, STORE_PREACT)
+
+
+@triton.jit
+def _store_tile(acc, c_desc, z_desc, off_m, off_n, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr):
+    """c = activation(acc) and z = acc (when STORE_PREACT) through descriptors."""
+    if STORE_PREACT:
+        z_desc.store([off_m, off_n], cast_to(acc, z_desc.dtype))
+    c_desc.store([off_m, off_n], cast_to(_activation_fwd(acc, ACTIVATION), c_desc.dtype))
+
+
+@triton.jit
+def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of a tile index in grouped order: GROUP_M row-tiles sweep the
+    columns together, so their A and B tiles stay in L2."""
+    tiles_in_group = GROUP_M * tiles_n
+    first_m = (tile // tiles_in_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_in_group) % group_rows
+    pid_n = (tile % tiles_in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _add_bias(acc, bias_ptrs, HAS_BIAS: tl.constexpr):
+    """The pre-activation acc + bias, in acc's type; bias_ptrs (BLOCK_N,) all in bounds
+    (columns past N wrap around)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptrs).to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _store_epilogue(acc, c_ptrs, z_ptrs, bias_ptrs, mask, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    STORE_PREACT: tl.constexpr):
+    """c = activation(acc + bias), and z = acc + bias when STORE_PREACT, through pointers."""
+    acc = _add_bias(acc, bias_ptrs, HAS_BIAS)
+    if STORE_PREACT:
+        tl.store(z_ptrs, cast_to(acc, z_ptrs.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, cast_to(_activation_fwd(acc, ACTIVATION), c_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    w_ptr,  # (SPLIT_K, B, M, N) fp32 partial sums, contiguous
+    c_ptr, z_ptr, bias_ptr,
+    M, N,
+    stride_cb, stride_cm, stride_cn,
+    stride_bias,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+):
+    """c = activation(sum of the splits + bias), the splits added in order."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    B = tl.num_programs(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    w_ptrs = w_ptr + (batch * M + offs_m[:, None]) * N + offs_n[None, :]
+    acc = tl.load(w_ptrs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(w_ptrs + s * B * M * N, mask=mask, other=0.0)
+    c_offs = batch * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    _store_epilogue(acc, c_ptr + c_offs, z_ptr + c_offs, bias_ptr + (offs_n % N) * stride_bias, mask,
+                    HAS_BIAS, ACTIVATION, STORE_PREACT)
 
 
 @triton.jit

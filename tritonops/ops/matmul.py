@@ -8,8 +8,8 @@ import triton
 from autotune import Config
 
 from .. import reference, runtime
-from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel
-from ..tuning.matmul import MATMUL_TUNER, matmul_key
+from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel, _matmul_tma_kernel, _splitk_reduce_kernel
+from ..tuning.matmul import MATMUL_TUNER, matmul_key, splitk_reduce_config
 from ..tuning.rows import epilogue_tile_config
 from ._autocast import autocast_inputs
 from ._common import check_no_forward_ad, check_same, dot_input_precision, use_reference
@@ -28,7 +28,10 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
 
     Returns (c, z) with z the pre-activation when `store_preact`, else None.
     `out`, if given, is a (B, M, N) buffer of any strides to write c into.
-    `config` overrides the tuner's choice (benchmarks, tuning).
+    `config` overrides the tuner's choice (benchmarks, tuning). Its host parameters pick the
+    kernel: TMA (the persistent descriptor kernel, where `tma_layout` accepts the operands;
+    the pointer kernel with the same tile otherwise), SPLIT_K (the pointer kernel with K
+    split over that many programs per tile, then a reduction).
     """
     B, M, K = a.shape
     N = b.shape[2]
@@ -37,21 +40,80 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     if c.numel() == 0:
         return c, z
     cfg = config or MATMUL_TUNER.select(matmul_key(a, b, bias is not None or activation is not None))
+    epilogue = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", STORE_PREACT=store_preact,
+                    INPUT_PRECISION=dot_input_precision(a.dtype))
+    zz = z if z is not None else c
+    bias_arg, bias_stride = (bias, bias.stride(0)) if bias is not None else (c, 0)
+    layout = tma_layout(a, b, c, z) if cfg.get("TMA", False) else None
+    if layout is not None:
+        (a_kmajor, stride_a), (b_kmajor, stride_b) = layout
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        runtime.ensure_descriptor_allocator(a.device)
+        _matmul_tma_kernel[(min(tiles, runtime.sm_count(a.device)),)](
+            a, b, c, zz, bias_arg, M, N, K, stride_a, stride_b, c.stride(1), bias_stride,
+            A_KMAJOR=a_kmajor, B_KMAJOR=b_kmajor, EPILOGUE_SUBTILE=cfg.get("EPILOGUE_SUBTILE", False),
+            **epilogue, **cfg.launch_kwargs())
+        return c, z
     meta = cfg.meta
-    grid = (B * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    split_k = cfg.get("SPLIT_K", 1)
+    grid = (B * split_k * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    even_k = K % meta["BLOCK_K"] == 0
+    if split_k == 1:
+        _matmul_fwd_kernel[grid](
+            a, b, c, zz, bias_arg, M, N, K, *a.stride(), *b.stride(), *c.stride(), bias_stride,
+            EVEN_K=even_k, **epilogue, **cfg.launch_kwargs())
+        return c, z
+    # Split K: partial sums into a workspace, then their sum in a fixed order, which applies
+    # the epilogue (deterministic, no atomics).
+    work = torch.empty((split_k, B, M, N), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32,
+                       device=a.device)
     _matmul_fwd_kernel[grid](
-        a, b, c, z if z is not None else c, bias if bias is not None else c,
-        M, N, K,
-        *a.stride(), *b.stride(), *c.stride(),
-        bias.stride(0) if bias is not None else 0,
-        EVEN_K=K % meta["BLOCK_K"] == 0,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=activation or "none",
-        STORE_PREACT=store_preact,
-        INPUT_PRECISION=dot_input_precision(a.dtype),
-        **cfg.launch_kwargs(),
-    )
+        a, b, work, work, work, M, N, K, *a.stride(), *b.stride(), *c.stride(), 0,
+        EVEN_K=even_k, HAS_BIAS=False, ACTIVATION="none", STORE_PREACT=False,
+        INPUT_PRECISION=epilogue["INPUT_PRECISION"], SPLIT_K=split_k, **cfg.launch_kwargs())
+    rc = splitk_reduce_config(M, N)
+    _splitk_reduce_kernel[(triton.cdiv(M, rc["BLOCK_M"]), triton.cdiv(N, rc["BLOCK_N"]), B)](
+        work, c, zz, bias_arg, M, N, *c.stride(), bias_stride, SPLIT_K=split_k,
+        HAS_BIAS=epilogue["HAS_BIAS"], ACTIVATION=epilogue["ACTIVATION"], STORE_PREACT=store_preact,
+        **rc.launch_kwargs())
     return c, z
+
+
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_ALIGN = 16  # bytes: a tensor descriptor's base address and strides
+
+
+def _descriptor_layout(t: torch.Tensor, inner_major: bool) -> tuple[bool, int] | None:
+    """(whether t (rows, cols) has the unit stride on cols, its other stride) for a 2-D
+    descriptor, or None: a unit stride on one dim, the other stride 16-byte aligned. With
+    `inner_major` the cols layout is tried first (a dim of size 1 has either)."""
+    rows, cols = t.shape
+    itemsize = t.element_size()
+    layouts = [(True, t.stride(1) == 1 or cols == 1, t.stride(0)), (False, t.stride(0) == 1 or rows == 1, t.stride(1))]
+    for major, unit, other in (layouts if inner_major else layouts[::-1]):
+        if unit and other > 0 and other * itemsize % TMA_ALIGN == 0:
+            return major, other
+    return None
+
+
+def tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tensor | None
+               ) -> tuple[tuple[bool, int], tuple[bool, int]] | None:
+    """How the descriptor kernel reads a (1, M, K) and b (1, K, N) and writes c (and z):
+    ((A K-major, its other stride), (B K-major, its other stride)), or None where it cannot
+    (more than one batch, not fp16 / bf16, or a layout TMA refuses: c and z need a unit
+    column stride, every base address and other stride 16-byte alignment). The pointer kernel
+    takes those."""
+    if a.shape[0] != 1 or a.dtype not in TMA_DTYPES:
+        return None
+    if any(t.data_ptr() % TMA_ALIGN for t in (a, b, c) + ((z,) if z is not None else ())):
+        return None
+    if z is not None and z.stride() != c.stride():
+        return None
+    out = _descriptor_layout(c[0], True)
+    la, lb = _descriptor_layout(a[0], True), _descriptor_layout(b[0].t(), True)
+    if out is None or not out[0] or la is None or lb is None:
+        return None
+    return la, lb
 
 
 def launch_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor | None, activation: str | None,

@@ -8,7 +8,7 @@ import triton
 
 from autotune import Config, Space, TunableOp, Tuner, bucket, register, register_tuner
 
-from ..kernels.matmul import _matmul_fwd_kernel
+from ..kernels.matmul import _matmul_fwd_kernel, _matmul_tma_kernel, _splitk_reduce_kernel
 from ..ops._common import DTYPE_NAMES
 from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, tuning_device
 
@@ -32,26 +32,65 @@ def matmul_key(a: torch.Tensor, b: torch.Tensor, epilogue: bool) -> MatmulKey:
     return MatmulKey(bucket(M), b.shape[2], K, DTYPE_NAMES[a.dtype], a.stride(2) == 1, b.stride(1) == 1, epilogue)
 
 
+# The SMs of the GPUs the heuristic aims at (H100, H200): a decode-shaped problem is split
+# until it runs at least twice this many programs. The key does not name the GPU; a tuned
+# config replaces the rule where the count differs.
+TARGET_SMS = 132
+DECODE_M = 64  # problems of at most this many rows take split K
+MIN_SPLIT_STEPS = 4  # BLOCK_K steps each split takes at least
+SPLITS = [1, 2, 4, 8, 16]
+TMA_MIN_MN = 1024  # M and N from which the persistent descriptor kernel is the default (16-bit)
+
+
 def matmul_heuristic(key: MatmulKey) -> Config:
     """The default config of a matmul problem key.
 
-    The tile covers up to 128 x 128 outputs, shrunk to the next power of two
-    of a small M or N (decode-like shapes) and never under 16 (the smallest
-    `tl.dot`); BLOCK_K is 64 for 16-bit types, 32 for float32, 16 for float64,
-    which keeps 3 stages well inside Hopper's 227 KB of shared memory;
-    8 warps for a full 128 x 128 tile, 4 otherwise; GROUP_M 8 for L2 reuse.
+    - Large 16-bit problems (M and N from TMA_MIN_MN, K and N multiples of 8 so contiguous
+      rows are 16-byte aligned): the persistent descriptor kernel, 128 x 256 x 64 tiles,
+      8 warps, 3 stages (Triton's own persistent TMA matmul's choice for Hopper); with a fused
+      epilogue 128 x 128 x 64 and 4 stages, as the larger tile spills there on sm90.
+    - Otherwise the pointer kernel, the tile covering up to 128 x 128 outputs, shrunk to the
+      next power of two of a small M or N and never under 16 (the smallest `tl.dot`);
+      BLOCK_K 64 for 16-bit types, 32 for float32, 16 for float64, which keeps 3 stages well
+      inside Hopper's 227 KB of shared memory; 8 warps for a full 128 x 128 tile, 4 otherwise;
+      GROUP_M 8 for L2 reuse.
+    - Decode-shaped problems (M up to DECODE_M) take 64-column tiles and split K until the
+      grid has 2 x TARGET_SMS programs, each split at least MIN_SPLIT_STEPS steps of BLOCK_K.
     """
-    block_m = min(128, max(16, triton.next_power_of_2(key.M)))
-    block_n = min(128, max(16, triton.next_power_of_2(key.N)))
     block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
     block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
+    if (key.dtype in ("float16", "bfloat16") and key.M >= TMA_MIN_MN and key.N >= TMA_MIN_MN
+            and key.K % 8 == 0 and key.N % 8 == 0 and key.K >= block_k):
+        # A fused epilogue (erf, the pre-activation's store) spills a 128 x 256 tile's registers.
+        block_n, stages = (128, 4) if key.epilogue else (256, 3)
+        return Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                      num_stages=stages, host={"TMA": True, "SPLIT_K": 1, "EPILOGUE_SUBTILE": False})
+    block_m = min(128, max(16, triton.next_power_of_2(key.M)))
+    block_n = min(128, max(16, triton.next_power_of_2(key.N)))
+    split_k = 1
+    if key.M <= DECODE_M:
+        block_n = min(block_n, 64)
+        tiles = triton.cdiv(key.M, block_m) * triton.cdiv(key.N, block_n)
+        steps = triton.cdiv(key.K, block_k)
+        while split_k < SPLITS[-1] and tiles * split_k < 2 * TARGET_SMS and steps >= 2 * split_k * MIN_SPLIT_STEPS:
+            split_k *= 2
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                  num_warps=num_warps, num_stages=3)
+                  num_warps=num_warps, num_stages=3, host={"TMA": False, "SPLIT_K": split_k, "EPILOGUE_SUBTILE": False})
+
+
+def splitk_reduce_config(M: int, N: int) -> Config:
+    """Tile of the split-K reduction: at most 32 x 64 outputs, so even a decode problem's
+    few rows spread over many programs."""
+    return Config({"BLOCK_M": min(32, max(16, triton.next_power_of_2(M))), "BLOCK_N": 64}, num_warps=4, num_stages=1)
 
 
 def _smem_bytes(config: Config, problem: dict) -> int:
-    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * problem["itemsize"] * config.num_stages
+    """The operand ring, and for the descriptor kernel the staging tile of its C store."""
+    ring = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * problem["itemsize"] * config.num_stages
+    if config.get("TMA", False):
+        ring += config["BLOCK_M"] * config["BLOCK_N"] * problem["itemsize"] // (2 if config["EPILOGUE_SUBTILE"] else 1)
+    return ring
 
 
 def _accumulator_fits(config: Config, problem: dict) -> bool:
@@ -59,12 +98,26 @@ def _accumulator_fits(config: Config, problem: dict) -> bool:
     return config["BLOCK_M"] * config["BLOCK_N"] // (32 * config.num_warps) <= 128
 
 
+def _variant_fits(config: Config, problem: dict) -> bool:
+    """The descriptor kernel for 16-bit types, one split and no more; its C stored in halves
+    only there. K split only for decode-shaped problems, each split at least MIN_SPLIT_STEPS
+    steps of BLOCK_K."""
+    if config["TMA"]:
+        return problem["itemsize"] == 2 and config["SPLIT_K"] == 1
+    if config["EPILOGUE_SUBTILE"]:
+        return False
+    split = config["SPLIT_K"]
+    return split == 1 or (problem["M"] <= DECODE_M
+                          and triton.cdiv(problem["K"], config["BLOCK_K"]) >= split * MIN_SPLIT_STEPS)
+
+
 MATMUL_SPACE = Space(
     {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256], "BLOCK_K": [16, 32, 64, 128],
      "GROUP_M": [8]},
     num_warps=[4, 8], num_stages=[2, 3, 4, 5],
+    host_params={"TMA": [False, True], "SPLIT_K": SPLITS, "EPILOGUE_SUBTILE": [False, True]},
     smem_bytes=_smem_bytes, block_dims={"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"},
-    dot_params=["BLOCK_M", "BLOCK_N", "BLOCK_K"], constraints=[_accumulator_fits], version=1)
+    dot_params=["BLOCK_M", "BLOCK_N", "BLOCK_K"], constraints=[_accumulator_fits, _variant_fits], version=2)
 
 
 def _problem(key: MatmulKey) -> dict:
@@ -94,7 +147,7 @@ def _runner(key: MatmulKey):
 
 MATMUL_TUNER = register_tuner(Tuner(
     "matmul", MATMUL_SPACE, matmul_heuristic, runner=_runner, problem=_problem, key_type=MatmulKey,
-    sources=[_matmul_fwd_kernel], shipped=SHIPPED_CONFIGS))
+    sources=[_matmul_fwd_kernel, _matmul_tma_kernel, _splitk_reduce_kernel], shipped=SHIPPED_CONFIGS))
 
 
 # --------------------------------------------------------------------------- the `autotune` command
