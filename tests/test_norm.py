@@ -401,5 +401,8 @@ def test_norm_config_keeps_gpu_rules():
                     m, b = cfg["BLOCK_R"], cfg["BLOCK_N"]
                     assert m & (m - 1) == 0 and b & (b - 1) == 0 and b >= 16
                     assert m * b <= row_tiling.ONE_PASS_MAX[dtype.itemsize]
+                    # whole rows no longer than compile cleanly for sm90 (no spills)
+                    whole = row_tiling.WHOLE_ROW_FWD if space is norm_tuning.NORM_SPACE else row_tiling.WHOLE_ROW_BWD
+                    assert b <= whole[dtype.itemsize]
                     assert cfg.num_warps in (4, 8, 16, 32)
                     assert (cfg.num_stages == 2) == (n > b)

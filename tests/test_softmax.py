@@ -242,6 +242,10 @@ def test_softmax_config_keeps_gpu_rules():
                         r, b = cfg["BLOCK_R"], cfg["BLOCK_N"]
                         assert r & (r - 1) == 0 and b & (b - 1) == 0 and b >= 16
                         assert r * b <= _rows.ONE_PASS_MAX[dtype.itemsize]
+                        # whole rows no longer than compile cleanly for sm90 (no spills)
+                        bwd = fn is softmax_tuning.softmax_bwd_heuristic
+                        whole = _rows.WHOLE_ROW_BWD if bwd else _rows.WHOLE_ROW_FWD
+                        assert b <= whole[dtype.itemsize]
                         assert cfg.num_warps in (4, 8, 16, 32)
                         if n <= b:  # one pass: every row in one tile, several short rows per program
                             assert strided or r * b >= min(_rows.SHORT_ROW_TILE,

@@ -12,8 +12,8 @@ from autotune import Config, Space, TunableOp, Tuner, bucket, register, register
 from .. import runtime
 from ..kernels.norm import _norm_bwd_kernel, _norm_fwd_kernel
 from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, dtype_name, tuning_device
-from .rows import (COL_BLOCKS, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS, TUNE_DTYPES, row_tile_config,
-                   row_tile_rules)
+from .rows import (COL_BLOCKS, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS, TUNE_DTYPES, WHOLE_ROW_BWD,
+                   WHOLE_ROW_FWD, row_tile_config, row_tile_rules)
 
 
 class NormKey(NamedTuple):
@@ -50,19 +50,21 @@ def norm_bwd_key(n_cols: int, n_rows: int, dtype: torch.dtype | str, rms: bool, 
 def norm_heuristic(key: NormKey | NormBwdKey) -> Config:
     """The default config of _norm_fwd_kernel (layer_norm and rms_norm): row_tile_config
     for unit-stride rows (the launchers read rows through their strides, but the normalized
-    dims are the inner ones)."""
-    return row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], strided=False)
+    dims are the inner ones), whole rows up to WHOLE_ROW_FWD (32K 2-byte elements over 32 warps)."""
+    return row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], False, WHOLE_ROW_FWD)
 
 
 DEFAULT_PROGRAMS_PER_SM = 2
 
 
 def norm_bwd_heuristic(key: NormBwdKey) -> Config:
-    """The default config of _norm_bwd_kernel: the forward's tile, and PROGRAMS_PER_SM = 2,
-    which sets the persistent grid (min(row blocks, PROGRAMS_PER_SM x SMs) programs), hence
-    the height of the fp32 weight/bias partial-sum buffers the second stage reduces."""
-    fwd = norm_heuristic(key)
-    return Config(fwd.meta, fwd.num_warps, fwd.num_stages, host={"PROGRAMS_PER_SM": DEFAULT_PROGRAMS_PER_SM})
+    """The default config of _norm_bwd_kernel: row_tile_config with whole rows up to
+    WHOLE_ROW_BWD (16K: beyond it x, dy and the weight / bias column sums spill), and
+    PROGRAMS_PER_SM = 2, which sets the persistent grid (min(row blocks, PROGRAMS_PER_SM x
+    SMs) programs), hence the height of the fp32 weight/bias partial-sum buffers the second
+    stage reduces."""
+    tile = row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], False, WHOLE_ROW_BWD)
+    return Config(tile.meta, tile.num_warps, tile.num_stages, host={"PROGRAMS_PER_SM": DEFAULT_PROGRAMS_PER_SM})
 
 
 def _problem(key: NormKey | NormBwdKey) -> dict:
@@ -79,12 +81,12 @@ def _grid_changes(config: Config, problem: dict) -> bool:
 
 NORM_SPACE = Space(
     {"BLOCK_R": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
-    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules(), version=2)
+    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules(), version=3)
 
 NORM_BWD_SPACE = Space(
     {"BLOCK_R": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, host_params={"PROGRAMS_PER_SM": [1, 2, 4, 8]},
     num_warps=ROW_WARPS, num_stages=ROW_STAGES, block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"},
-    constraints=[*row_tile_rules(), _grid_changes], version=2)
+    constraints=[*row_tile_rules(), _grid_changes], version=3)
 
 
 def _inputs(key: NormKey | NormBwdKey):

@@ -6,29 +6,45 @@ import triton
 
 from autotune import Config
 
-ONE_PASS_MAX = {2: 16384, 4: 16384, 8: 8192}  # most elements of one row held in one tile, by itemsize
+ONE_PASS_MAX = {2: 65536, 4: 16384, 8: 8192}  # longest row a tile of the Space holds whole, by itemsize
+# Longest row the heuristic holds whole, by itemsize. Compiled for sm90 (Triton 3.6 and 3.9), the
+# forwards hold 32768 2-byte columns over 32 warps in 48-63 registers without spilling; at 65536
+# columns the fp32 row alone is the 64 registers a thread of 1024 has, and every forward spills.
+# (A column count that is not a multiple of 16 loses the 128-bit loads and masks element by
+# element: there the norm forwards spill 56-224 B, log_softmax's backward 168-184 B; softmax's
+# forward does not.)
+WHOLE_ROW_FWD = {2: 32768, 4: 16384, 8: 8192}
+# Longest row softmax's and the norms' backward defaults hold whole: with two fp32 tiles alive
+# across a row reduction (y and dy; x and dy, plus the weight / bias column sums) they spill at
+# 32768 2-byte columns on sm90 (softmax 56-88 B, the norms 1.2-2.2 KB), so they loop beyond 16384.
+# log_softmax's backward compiles cleanly at 32768 and takes WHOLE_ROW_FWD.
+WHOLE_ROW_BWD = {2: 16384, 4: 16384, 8: 8192}
+STRIDED_TILE_MAX = {2: 16384, 4: 16384, 8: 8192}  # elements of a tile of strided rows, by itemsize
 LOOP_BLOCK_N = 4096  # chunk of a longer row, swept twice (online softmax)
 SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
 STRIDED_ROWS = 32  # rows per program when the reduced dim is not the unit-stride one
 
 
-def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool) -> Config:
+def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool,
+                    whole_row_max: dict[int, int] | None = None) -> Config:
     """BLOCK_R x BLOCK_N tile for a row-wise reduction (softmax, norms).
 
-    - Unit-stride rows: BLOCK_N = next_pow2(N) (at least 16) while that fits in one
-      tile (ONE_PASS_MAX, 16K elements, 8K for float64); longer rows loop over
-      LOOP_BLOCK_N chunks. Short rows are stacked, BLOCK_R = SHORT_ROW_TILE // BLOCK_N
+    - Unit-stride rows: BLOCK_N = next_pow2(N) (at least 16) while the row fits in one
+      tile (whole_row_max[itemsize], by default WHOLE_ROW_FWD: 32K 2-byte elements, 16K
+      4-byte, 8K float64; WHOLE_ROW_BWD for the backwards that spill beyond 16K); longer rows loop
+      over LOOP_BLOCK_N chunks. Short rows are stacked, BLOCK_R = SHORT_ROW_TILE // BLOCK_N
       (never past next_pow2(n_rows)), so each program moves enough bytes.
     - Strided rows (the reduced dim is not unit-stride, e.g. softmax over dim 1 of
       (B, C, L)): BLOCK_R = 32 neighbouring rows, which are contiguous in memory, so the
-      loads coalesce; BLOCK_N fills the rest of the one-tile budget, looping beyond it.
+      loads coalesce; BLOCK_N fills the rest of STRIDED_TILE_MAX, looping beyond it.
     Warps grow with the tile (row_num_warps); 2 stages only where there is a loop.
     """
-    one_pass_max = ONE_PASS_MAX[itemsize]
+    one_pass_max = (whole_row_max or WHOLE_ROW_FWD)[itemsize]
     rows_cap = triton.next_power_of_2(max(n_rows, 1))
     if strided:
         block_r = min(STRIDED_ROWS, rows_cap)
-        block_n = min(max(16, triton.next_power_of_2(n_cols)), one_pass_max // block_r)
+        block_n = min(max(16, triton.next_power_of_2(n_cols)),
+                      min(one_pass_max, STRIDED_TILE_MAX[itemsize]) // block_r)
     elif n_cols <= one_pass_max:
         block_n = max(16, triton.next_power_of_2(n_cols))
         block_r = max(1, min(SHORT_ROW_TILE // block_n, rows_cap))
@@ -63,7 +79,8 @@ def row_tile_rules():
 
     def fits(config: Config, problem: dict) -> bool:
         """A tile the kernel holds in registers: at most 64 fp32 (32 fp64) accumulator
-        values a thread, BLOCK_N within one tile's budget (16K, 8K for float64)."""
+        values a thread, BLOCK_N within ONE_PASS_MAX (64K 2-byte elements over 32 warps,
+        16K 4-byte, 8K float64)."""
         itemsize = problem.get("itemsize", 4)
         tile = config["BLOCK_R"] * config["BLOCK_N"]
         acc_bytes = 8 if itemsize == 8 else 4
@@ -85,7 +102,7 @@ def row_tile_rules():
 
 
 ROW_BLOCKS = [1, 2, 4, 8, 16, 32, 64]
-COL_BLOCKS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+COL_BLOCKS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 ROW_WARPS = [1, 2, 4, 8, 16, 32]
 ROW_STAGES = [1, 2, 3]
 

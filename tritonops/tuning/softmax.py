@@ -10,8 +10,8 @@ from autotune import Config, Space, TunableOp, Tuner, bucket, register, register
 
 from ..kernels.softmax import _softmax_bwd_kernel, _softmax_fwd_kernel
 from .common import ITEMSIZE, SHIPPED_CONFIGS, check_dtype, dtype_name, tuning_device
-from .rows import (COL_BLOCKS, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS, TUNE_DTYPES, row_tile_config,
-                   row_tile_rules)
+from .rows import (COL_BLOCKS, LLM_ROWS_COLS, ROW_BLOCKS, ROW_STAGES, ROW_WARPS, TUNE_DTYPES, WHOLE_ROW_BWD,
+                   WHOLE_ROW_FWD, row_tile_config, row_tile_rules)
 
 
 class SoftmaxKey(NamedTuple):
@@ -32,14 +32,18 @@ def softmax_key(n_cols: int, n_rows: int, dtype: torch.dtype | str, strided: boo
 
 
 def softmax_heuristic(key: SoftmaxKey) -> Config:
-    """The default config of _softmax_fwd_kernel: row_tile_config."""
-    return row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], key.strided)
+    """The default config of _softmax_fwd_kernel: row_tile_config, whole rows up to
+    WHOLE_ROW_FWD (32K 2-byte elements over 32 warps)."""
+    return row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], key.strided, WHOLE_ROW_FWD)
 
 
 def softmax_bwd_heuristic(key: SoftmaxKey) -> Config:
-    """The default config of _softmax_bwd_kernel: the forward's (two tiles live, y and dy,
-    which 16K elements over 16 warps still hold in registers)."""
-    return softmax_heuristic(key)
+    """The default config of _softmax_bwd_kernel. log_softmax's holds whole rows as far as
+    the forward (compiled for sm90 at 32K 2-byte elements over 32 warps: 64 registers, no
+    spill); softmax's keeps y and dy (fp32) alive across its row sum and spills there, so it
+    holds rows up to WHOLE_ROW_BWD (16K) and loops beyond."""
+    whole_row_max = WHOLE_ROW_FWD if key.log else WHOLE_ROW_BWD
+    return row_tile_config(key.N, key.ROWS, ITEMSIZE[key.dtype], key.strided, whole_row_max)
 
 
 def _problem(key: SoftmaxKey) -> dict:
@@ -48,7 +52,7 @@ def _problem(key: SoftmaxKey) -> dict:
 
 SOFTMAX_SPACE = Space(
     {"BLOCK_R": ROW_BLOCKS, "BLOCK_N": COL_BLOCKS}, num_warps=ROW_WARPS, num_stages=ROW_STAGES,
-    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules(), version=1)
+    block_dims={"BLOCK_R": "ROWS", "BLOCK_N": "N"}, constraints=row_tile_rules(), version=2)
 
 
 def _inputs(key: SoftmaxKey):
