@@ -354,14 +354,14 @@ class Runner:
                 try:
                     inputs = spec.inputs(shape, dt, self.device)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory
-                    for mode in self.args.modes:
+                    for mode in cases.op_modes(spec, self.args.modes):
                         for p in providers:
                             rows.append({"op": name, "mode": mode, "dtype": dtype, "shape": dict(shape),
                                          "provider": p, "error": f"inputs: {_err(e)}"})
                     self.check_context()
                     self.write()
                     continue
-                for mode in self.args.modes:
+                for mode in cases.op_modes(spec, self.args.modes):
                     refs: dict = {}
                     case_rows = []
                     for p in providers:
@@ -651,7 +651,7 @@ def dry_run(args, gpu: bool) -> int:
     total = 0
     for name in args.ops:
         spec, shapes, providers = runner.plan(name)
-        n = len(shapes) * len(args.modes) * len(providers) * len(args.dtypes)
+        n = len(shapes) * len(cases.op_modes(spec, args.modes)) * len(providers) * len(args.dtypes)
         total += n
         print(f"{name}: {n} cases, cost {runner.cost(name):.0f}; providers {providers}")
         for shape in shapes:

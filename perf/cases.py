@@ -8,6 +8,7 @@ Metrics
     matmul, linear   TFLOP/s, 2*M*N*K forward, backward 2x forward (dA and dB).
     attention        TFLOP/s, 4*B*H*L*S*E forward (QK^T and PV), halved when causal,
                      backward 2.5x forward.
+    attention_decode GB/s of q, k, v read and o written (one query row, forward only).
     softmax, norms   GB/s of the fewest bytes an implementation must move: forward reads
                      x and writes y; backward reads y (softmax) or x (norms) and dy and
                      writes dx; weight and bias are read once and their grads written once.
@@ -29,9 +30,10 @@ PRESETS = ("smoke", "quick", "full")
 PRESET_DTYPES = {"smoke": ("bfloat16",), "quick": ("bfloat16",), "full": ("float16", "bfloat16")}
 
 LLM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
-LLM_M = (1, 16, 128, 1024, 4096, 8192)
+LLM_M = (1, 16, 64, 128, 1024, 4096, 8192)  # 1-64: decode shapes (split K)
 ROW_COLS_FULL = tuple(256 << i for i in range(11))  # 256 .. 262144
-QUICK_COLS = (2048, 32768)  # a few rows per program / the whole row or a loop over it
+QUICK_COLS = (2048, 32768, 65536)  # a few rows per program / the whole row in one pass / a loop over it
+DECODE_KEYS = (8192, 32768)  # keys a single query row attends to in the decode benchmark
 ATTN_TOKENS = 16384  # batch x sequence kept constant, so work grows only linearly with L
 ATTN_WIDTH = 2048    # heads x head dim
 
@@ -75,6 +77,7 @@ class OpSpec:
     params: dict = field(default_factory=dict)
     extra_providers: tuple[str, ...] = ()
     grad_args: int | None = None  # how many leading inputs take gradients (None: all)
+    modes: tuple[str, ...] = MODES  # the modes it is measured in (of those asked for)
 
     def load(self) -> Callable:
         """The tritonops function; raises (ImportError, AttributeError) when it is not there."""
@@ -141,6 +144,13 @@ layer_norm_bytes = _norm_bytes(2)
 rms_norm_bytes = _norm_bytes(1)
 
 
+def attention_decode_bytes(shape: dict, dtype, mode: str = "fwd") -> float:
+    """Reads q, k and v, writes o: decoding is bound by reading the keys and values."""
+    q = shape["B"] * shape["H"] * shape["L"] * shape["E"]
+    kv = shape["B"] * shape["HKV"] * shape["S"] * shape["E"]
+    return float((2 * q + 2 * kv) * _itemsize(dtype))
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -178,8 +188,9 @@ def _rms_norm_inputs(shape, dtype, device):
 
 def _attention_inputs(shape, dtype, device):
     B, H, L, S, E = (shape[k] for k in ("B", "H", "L", "S", "E"))
-    return [_randn((B, H, L, E), dtype, device), _randn((B, H, S, E), dtype, device),
-            _randn((B, H, S, E), dtype, device)]
+    hkv = shape.get("HKV", H)  # fewer key / value heads: grouped-query attention
+    return [_randn((B, H, L, E), dtype, device), _randn((B, hkv, S, E), dtype, device),
+            _randn((B, hkv, S, E), dtype, device)]
 
 
 # --------------------------------------------------------------------------- providers
@@ -194,16 +205,26 @@ def sdpa_backend_fn(backend_name: str, shape: dict) -> Callable:
     if backend is None:
         raise RuntimeError(f"this torch ({torch.__version__}) has no SDPBackend.{backend_name}")
     causal = bool(shape["causal"])
+    gqa = _gqa(shape)
 
     def run(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
     return run
 
 
+def _gqa(shape: dict) -> dict:
+    return {"enable_gqa": True} if shape.get("HKV", shape["H"]) != shape["H"] else {}
+
+
 def _attention_torch(shape):
-    causal = bool(shape["causal"])
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    causal, gqa = bool(shape["causal"]), _gqa(shape)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+
+def _attention_ours(fn, shape):
+    causal, gqa = bool(shape["causal"]), _gqa(shape)
+    return lambda q, k, v: fn(q, k, v, is_causal=causal, **gqa)
 
 
 def _rms_norm_torch(shape):
@@ -227,7 +248,7 @@ def _add(spec: OpSpec) -> None:
 _add(OpSpec(
     "matmul", "tritonops.ops.matmul", "matmul", "TFLOP/s", x="M", group=("N", "K"),
     shapes={"smoke": [{"M": m, "N": 48, "K": 32} for m in (16, 64)],
-            "quick": [{"M": m, "N": 4096, "K": 4096} for m in (16, 1024, 8192)],
+            "quick": [{"M": m, "N": 4096, "K": 4096} for m in (1, 16, 64, 1024, 8192)],
             "full": [{"M": m, "N": n, "K": k} for n, k in LLM_NK for m in LLM_M]},
     inputs=_matmul_inputs, ours=lambda fn, s: fn, torch_fn=lambda s: (lambda a, b: torch.matmul(a, b)),
     work=matmul_flops))
@@ -235,7 +256,7 @@ _add(OpSpec(
 _add(OpSpec(
     "linear", "tritonops.ops.matmul", "linear", "TFLOP/s", x="M", group=("N", "K"),
     shapes={"smoke": [{"M": m, "N": 40, "K": 48} for m in (16, 64)],
-            "quick": [{"M": m, "N": 14336, "K": 4096} for m in (16, 4096)],
+            "quick": [{"M": m, "N": 14336, "K": 4096} for m in (16, 64, 4096)],
             "full": [{"M": m, "N": n, "K": k} for n, k in LLM_NK for m in LLM_M]},
     inputs=_linear_inputs,
     ours=lambda fn, s: (lambda x, w, b: fn(x, w, b, activation="gelu")),
@@ -278,10 +299,17 @@ _add(OpSpec(
     shapes={"smoke": _attn_shapes((32,), (32, 64), tokens=64, width=64),
             "quick": _attn_shapes((128,), (1024, 4096)),
             "full": _attn_shapes((64, 128), (512, 1024, 2048, 4096, 8192, 16384))},
-    inputs=_attention_inputs,
-    ours=lambda fn, s: (lambda q, k, v: fn(q, k, v, is_causal=bool(s["causal"]))),
-    torch_fn=_attention_torch, work=attention_flops,
+    inputs=_attention_inputs, ours=_attention_ours, torch_fn=_attention_torch, work=attention_flops,
     extra_providers=tuple(SDPA_BACKENDS)))
+
+_add(OpSpec(
+    "attention_decode", "tritonops.ops.attention", "attention", "GB/s", x="S", group=("E",),
+    shapes={"smoke": [{"B": 1, "H": 4, "HKV": 2, "L": 1, "S": s, "E": 32, "causal": 0} for s in (64, 300)],
+            "quick": [{"B": 1, "H": 32, "HKV": 8, "L": 1, "S": s, "E": 128, "causal": 0} for s in DECODE_KEYS],
+            "full": [{"B": b, "H": 32, "HKV": 8, "L": 1, "S": s, "E": 128, "causal": 0}
+                     for b in (1, 8) for s in DECODE_KEYS]},
+    inputs=_attention_inputs, ours=_attention_ours, torch_fn=_attention_torch, work=attention_decode_bytes,
+    params={"enable_gqa": True}, extra_providers=tuple(SDPA_BACKENDS), modes=("fwd",)))
 
 
 # relative cost of one case per provider, for sharing a time budget between ops: compiling
@@ -290,7 +318,12 @@ PROVIDER_COST = {"tritonops": 2.0, "torch.compile": 3.0}
 
 
 def cost(spec: OpSpec, shapes: list, modes, providers) -> float:
-    return len(shapes) * len(modes) * sum(PROVIDER_COST.get(p, 1.0) for p in providers)
+    return len(shapes) * len(op_modes(spec, modes)) * sum(PROVIDER_COST.get(p, 1.0) for p in providers)
+
+
+def op_modes(spec: OpSpec, modes) -> list[str]:
+    """The modes of `modes` an op is measured in."""
+    return [m for m in modes if m in spec.modes]
 
 
 def op_names() -> list[str]:
