@@ -105,13 +105,21 @@ def test_tma_layout_rules():
     assert layout(a, b, c, torch.empty(1, 24, 48, dtype=h)[:, :, :40]) is None  # z strides differ from c's
 
 
-def test_misaligned_operands_take_the_pointer_kernel(device, forced):
-    """A descriptor config on operands TMA refuses runs the same tile on the pointer kernel."""
-    kernels = forced(TMA_CONFIGS[0])
-    a = torch.randn(37, 29, dtype=torch.float16, device=device)
-    b = torch.randn(29, 45, dtype=torch.float16, device=device)
+@pytest.mark.parametrize("shapes", [((37, 29), (29, 45)), ((2, 24, 32), (2, 32, 40)), ((24, 0), (0, 40))],
+                         ids=["misaligned", "batched", "K=0"])
+def test_operands_tma_refuses_take_the_pointer_kernel(device, forced, monkeypatch, shapes):
+    """A descriptor config on operands TMA refuses runs the pointer kernel with the key's
+    pointer default (a descriptor tile may be too large for the pointer kernel)."""
+    kernels = forced(config(128, 256, 64, 8, 3, TMA=True))
+    seen = []
+    pointer_default = matmul_tuning.matmul_pointer_heuristic
+    monkeypatch.setattr(matmul_ops, "matmul_pointer_heuristic", lambda key: seen.append(key) or pointer_default(key))
+    a = torch.randn(*shapes[0], dtype=torch.float16, device=device)
+    b = torch.randn(*shapes[1], dtype=torch.float16, device=device)
     check_op(tritonops.matmul, torch.matmul, a, b, backward=False)
     assert kernels["_matmul_tma_kernel"].launches == 0 and kernels["_matmul_fwd_kernel"].launches == 1
+    a3, b3 = (t if t.dim() == 3 else t[None] for t in (a, b))
+    assert seen == [matmul_ops.matmul_key(a3, b3, False)]
 
 
 # --------------------------------------------------------------------------- split K

@@ -9,7 +9,7 @@ from autotune import Config
 
 from .. import reference, runtime
 from ..kernels.matmul import _epilogue_bwd_kernel, _matmul_fwd_kernel, _matmul_tma_kernel, _splitk_reduce_kernel
-from ..tuning.matmul import MATMUL_TUNER, matmul_key, splitk_reduce_config
+from ..tuning.matmul import MATMUL_TUNER, matmul_key, matmul_pointer_heuristic, splitk_reduce_config
 from ..tuning.rows import epilogue_tile_config
 from ._autocast import autocast_inputs
 from ._common import check_no_forward_ad, check_same, dot_input_precision, use_reference
@@ -30,8 +30,8 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     `out`, if given, is a (B, M, N) buffer of any strides to write c into.
     `config` overrides the tuner's choice (benchmarks, tuning). Its host parameters pick the
     kernel: TMA (the persistent descriptor kernel, where `tma_layout` accepts the operands;
-    the pointer kernel with the same tile otherwise), SPLIT_K (the pointer kernel with K
-    split over that many programs per tile, then a reduction).
+    otherwise the pointer kernel with the key's pointer default), SPLIT_K (the pointer kernel
+    with K split over that many programs per tile, then a reduction).
     """
     B, M, K = a.shape
     N = b.shape[2]
@@ -39,12 +39,15 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     z = runtime.new_output((B, M, N), a.dtype, a.device) if store_preact else None
     if c.numel() == 0:
         return c, z
-    cfg = config or MATMUL_TUNER.select(matmul_key(a, b, bias is not None or activation is not None))
+    key = matmul_key(a, b, bias is not None or activation is not None) if config is None else None
+    cfg = config or MATMUL_TUNER.select(key)
     epilogue = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", STORE_PREACT=store_preact,
                     INPUT_PRECISION=dot_input_precision(a.dtype))
     zz = z if z is not None else c
     bias_arg, bias_stride = (bias, bias.stride(0)) if bias is not None else (c, 0)
     layout = tma_layout(a, b, c, z) if cfg.get("TMA", False) else None
+    if cfg.get("TMA", False) and layout is None:
+        cfg = matmul_pointer_heuristic(key or matmul_key(a, b, bias is not None or activation is not None))
     if layout is not None:
         (a_kmajor, stride_a), (b_kmajor, stride_b) = layout
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -100,10 +103,10 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tenso
                ) -> tuple[tuple[bool, int], tuple[bool, int]] | None:
     """How the descriptor kernel reads a (1, M, K) and b (1, K, N) and writes c (and z):
     ((A K-major, its other stride), (B K-major, its other stride)), or None where it cannot
-    (more than one batch, not fp16 / bf16, or a layout TMA refuses: c and z need a unit
+    (more than one batch, not fp16 / bf16, K = 0, or a layout TMA refuses: c and z need a unit
     column stride, every base address and other stride 16-byte alignment). The pointer kernel
     takes those."""
-    if a.shape[0] != 1 or a.dtype not in TMA_DTYPES:
+    if a.shape[0] != 1 or a.dtype not in TMA_DTYPES or a.shape[2] == 0:  # K = 0: no descriptor of a 0-wide dim
         return None
     if any(t.data_ptr() % TMA_ALIGN for t in (a, b, c) + ((z,) if z is not None else ())):
         return None

@@ -65,6 +65,15 @@ def matmul_heuristic(key: MatmulKey) -> Config:
         block_n, stages = (128, 4) if key.epilogue else (256, 3)
         return Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
                       num_stages=stages, host={"TMA": True, "SPLIT_K": 1, "EPILOGUE_SUBTILE": False})
+    return matmul_pointer_heuristic(key)
+
+
+def matmul_pointer_heuristic(key: MatmulKey) -> Config:
+    """matmul_heuristic's config on the pointer kernel: also what a launch whose operands the
+    descriptor kernel cannot take (a batch, unaligned strides) runs instead of a descriptor
+    config, whose tile may be too large for the pointer kernel's registers."""
+    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
+    block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
     block_m = min(128, max(16, triton.next_power_of_2(key.M)))
     block_n = min(128, max(16, triton.next_power_of_2(key.N)))
     split_k = 1
