@@ -2,7 +2,11 @@
 
 Forward: one pass per query block over the key blocks, online softmax in base 2
 (fp32 running max and sum), the log-sum-exp per row saved for backward; the
-L x S score matrix exists only one tile at a time, in registers.
+L x S score matrix exists only one tile at a time, in registers. Q, K and V are read,
+and O written, through tensor descriptors (TMA on Hopper) where the layout allows, else
+through pointers. Split-key forward, for a few query rows against many keys (decoding):
+programs over (the query rows of a GQA group) x (a slice of the keys) write partial
+outputs and log-sum-exps, which a second kernel merges in a fixed order.
 Backward: a preprocess kernel (delta0 = rowsum(O * dO)), dQ per query block looping over
 key blocks, and dK/dV per key block looping over query blocks (and over the query heads of
 a GQA group). Every output element is written by exactly one program, in a fixed order: no
@@ -122,18 +126,27 @@ def _key_stages(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, lo, hi,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, mask_base, offs_m, zh, lo, hi,
                     qk_scale, dropout_p, seed, L, S, E, EV,
                     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                    DTYPE: tl.constexpr,  # the inputs' element type (p is rounded to it for P @ V)
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,  # the diagonal / key-tail stage
-                    MASK: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    MASK: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    TMA: tl.constexpr):
+    """Keys [lo, hi) into the running (acc, l_i, m_i) of the query rows offs_m.
+
+    k_src, v_src: tensor descriptors of one key head's (S, E) and (S, EV) when TMA (keys past S
+    and columns past E load as zeros), else that head's base pointers, read through the strides."""
     acc_ty = acc.dtype  # acc_type of q's element type, set where the kernel made the accumulator
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _load_tile(k_base, offs_d[:, None], offs_n[None, :], stride_kk, stride_kn, E, S)
+        if TMA:
+            kT = upcast(k_src.load([start_n, 0])).T
+        else:
+            kT = _load_tile(k_src, offs_d[:, None], offs_n[None, :], stride_kk, stride_kn, E, S)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         s = _scores(qk, qk_scale, mask_base, offs_m[:, None], offs_n[None, :], L, S, stride_mm, stride_mn,
                     MASK, CAUSAL_MASK, BOUND_MASK)
@@ -146,11 +159,25 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, lo,
         acc = acc * alpha[:, None]
         if DROPOUT:  # the sum above is of the undropped p: dropout acts after the softmax
             p = tl.where(_dropout_keep(seed, zh, offs_m[:, None], offs_n[None, :], L, S, dropout_p), p, 0.0)
-        v = _load_tile(v_base, offs_n[:, None], offs_dv[None, :], stride_vn, stride_vk, S, EV)
-        acc = tl.dot(_mma(p, v_base.dtype.element_ty), v, acc,
-                     input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+        if TMA:
+            v = upcast(v_src.load([start_n, 0]))
+        else:
+            v = _load_tile(v_src, offs_n[:, None], offs_dv[None, :], stride_vn, stride_vk, S, EV)
+        acc = tl.dot(_mma(p, DTYPE), v, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """(out, lse) of rows from their running sums: out = acc / l, lse = m + log2(l) (base 2);
+    a row with nothing to attend to (every key masked, or none in range) gives out 0, as
+    torch does, and lse +inf."""
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_mass, m_i + tl.log2(l_safe), float("inf"))
+    return out, lse
 
 
 @triton.jit
@@ -174,46 +201,187 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # head dims padded to max(next_pow2, 16)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # Q, K, V loaded and O stored through tensor descriptors (TMA on Hopper)
 ):
-    acc_ty = acc_type(q_ptr.dtype.element_ty)
+    """TMA asks of the launcher: unit head-dim strides (stride_qk, stride_kk, stride_vk,
+    stride_ok = 1), row strides and the heads' base addresses 16-byte aligned."""
+    in_ty = q_ptr.dtype.element_ty
+    acc_ty = acc_type(in_ty)
     zh, z, h, hk, start_m = _query_block(L, H, G, BLOCK_M, CAUSAL)
     q_base = q_ptr + z * stride_qz + h * stride_qh
     k_base = k_ptr + z * stride_kz + hk * stride_kh
     v_base = v_ptr + z * stride_vz + hk * stride_vh
     mask_base = mask_ptr + z * stride_mz + h * stride_mh
+    o_base = o_ptr + z * stride_oz + h * stride_oh
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E)
+    if TMA:
+        # One head's rows per descriptor: rows past L or S and columns past E or EV read as
+        # zeros and are not written, so no tile reaches into the next head.
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, E], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, shape=[S, E], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[S, EV], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DV])
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[L, EV], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, BLOCK_DV])
+        q = upcast(q_desc.load([start_m, 0]))
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = _load_tile(q_base, offs_m[:, None], offs_d[None, :], stride_qm, stride_qk, L, E)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), acc_ty)
     l_i = tl.zeros((BLOCK_M,), acc_ty)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
     free, hi = _key_stages(start_m, S, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, 0, free,
+        acc, l_i, m_i, q, k_src, v_src, mask_base, offs_m, zh, 0, free,
         qk_scale, dropout_p, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, INPUT_PRECISION)
+        in_ty, BLOCK_N, BLOCK_D, BLOCK_DV, False, False, MASK, DROPOUT, INPUT_PRECISION, TMA)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, zh, free, hi,
+        acc, l_i, m_i, q, k_src, v_src, mask_base, offs_m, zh, free, hi,
         qk_scale, dropout_p, seed, L, S, E, EV,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-        BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, INPUT_PRECISION)
+        in_ty, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, MASK, DROPOUT, INPUT_PRECISION, TMA)
 
-    # A row with nothing to attend to (every key masked, or S = 0) gives 0, as torch does.
-    has_mass = l_i > 0.0
-    l_safe = tl.where(has_mass, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out, lse = _finish_rows(acc, l_i, m_i)
     if DROPOUT:
         out = out * dropout_scale
-    lse = tl.where(has_mass, m_i + tl.log2(l_safe), float("inf"))
     m_ok = offs_m < L
     tl.store(lse_ptr + zh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
-    o_base = o_ptr + z * stride_oz + h * stride_oh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok,
-             cast_to(out, o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < EV))
+    if TMA:
+        o_desc.store([start_m, 0], cast_to(out, o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok,
+                 cast_to(out, o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < EV))
+
+
+# --------------------------------------------------------------------------- forward, split over the keys
+
+
+@triton.jit
+def _attn_fwd_split_kernel(
+    q_ptr,  # (Z, H, L, E)
+    k_ptr,  # (Z, HK, S, E)
+    v_ptr,  # (Z, HK, S, EV)
+    part_o_ptr,  # (Z * H * L, num_splits, EV) output, contiguous: each split's normalised output
+    part_lse_ptr,  # (Z * H * L, num_splits) output: each split's base-2 lse, -inf where it has no weight
+    qk_scale,
+    HK, G, L, S, E, EV,
+    hi,  # keys [0, hi) take part (causal: min(S, L), the keys some query row sees)
+    split_keys,  # keys per split, a multiple of BLOCK_N
+    num_splits, num_row_blocks,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Short queries against many keys (decoding): one program per (batch, key head, block of
+    query rows, slice of keys). The rows are those of every query head of the key head's GQA
+    group (row r = g * L + i: head g of the group, query i), so K and V are read once per
+    group; the key slices multiply the programs where batch x key heads alone would leave
+    most SMs idle. _attn_split_merge_kernel combines the slices."""
+    in_ty = q_ptr.dtype.element_ty
+    acc_ty = acc_type(in_ty)
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits
+    row_block = rest % num_row_blocks
+    zhk = rest // num_row_blocks
+    z = (zhk // HK).to(tl.int64)
+    hk = (zhk % HK).to(tl.int64)
+    r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < G * L
+    i = r % L  # each row's query index: the causal mask compares keys with it
+    h = hk * G + r // L
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + z * stride_qz + h[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qm
+                + offs_d[None, :] * stride_qk, mask=r_ok[:, None] & (offs_d[None, :] < E), other=0.0)
+    q = upcast(q)
+    k_base = k_ptr + z * stride_kz + hk * stride_kh
+    v_base = v_ptr + z * stride_vz + hk * stride_vh
+
+    lo = split * split_keys
+    end = min(lo + split_keys, hi)
+    if CAUSAL:
+        free = lo  # at most 16 keys (hi <= L): one masked stage
+    else:
+        free = min(end, (S // BLOCK_N) * BLOCK_N)  # the key tail, in the last split only
+    m_i = tl.full((BLOCK_M,), float("-inf"), acc_ty)
+    l_i = tl.zeros((BLOCK_M,), acc_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, q_ptr, i, 0, lo, free,
+        qk_scale, 0.0, 0, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, 0, 0,
+        in_ty, BLOCK_N, BLOCK_D, BLOCK_DV, False, False, "none", False, INPUT_PRECISION, False)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, q_ptr, i, 0, free, end,
+        qk_scale, 0.0, 0, L, S, E, EV,
+        stride_kn, stride_kk, stride_vn, stride_vk, 0, 0,
+        in_ty, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, "none", False, INPUT_PRECISION, False)
+
+    out, lse = _finish_rows(acc, l_i, m_i)
+    lse = tl.where(l_i > 0.0, lse, float("-inf"))  # no weight: the merge gives this split none
+    row = (z * (HK * G) + h) * L + i  # the row of lse and O: (batch x query head, query)
+    part = row * num_splits + split
+    tl.store(part_lse_ptr + part, lse, mask=r_ok)
+    tl.store(part_o_ptr + part[:, None] * EV + offs_dv[None, :], out,
+             mask=r_ok[:, None] & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _attn_split_merge_kernel(
+    part_o_ptr,  # (Z * H * L, num_splits, EV), contiguous, from _attn_fwd_split_kernel
+    part_lse_ptr,  # (Z * H * L, num_splits)
+    o_ptr,  # (Z, H, L, EV) output
+    lse_ptr,  # (Z * H, L) output, as _attn_fwd_kernel writes it
+    H, L, EV, num_splits,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One query row per program: lse = log2(sum_s 2^lse_s), O = sum_s 2^(lse_s - lse) O_s over
+    the splits in a fixed order (deterministic). A row no split gave weight to gets O = 0 and
+    lse = +inf, as from _attn_fwd_kernel."""
+    acc_ty = acc_type(part_lse_ptr.dtype.element_ty)
+    row = tl.program_id(0).to(tl.int64)  # (z * H + h) * L + i
+    zh = row // L
+    i = row % L
+    z = zh // H
+    h = zh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse_base = part_lse_ptr + row * num_splits
+    o_base = part_o_ptr + row * num_splits * EV
+    m = tl.full((BLOCK_S,), float("-inf"), acc_ty)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.maximum(m, tl.load(lse_base + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.zeros((BLOCK_DV,), acc_ty)
+    weight = tl.zeros((BLOCK_S,), acc_ty)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        w = tl.exp2(tl.load(lse_base + s0 + offs_s, mask=s_ok, other=float("-inf")) - m_use)
+        o_s = tl.load(o_base + (s0 + offs_s[:, None]) * EV + offs_dv[None, :],
+                      mask=s_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
+        acc += tl.sum(w[:, None] * o_s, 0)
+        weight += w
+    total = tl.sum(weight, 0)
+    has_mass = total > 0.0
+    out = acc / tl.where(has_mass, total, 1.0)
+    lse = tl.where(has_mass, m_use + tl.log2(tl.where(has_mass, total, 1.0)), float("inf"))
+    tl.store(lse_ptr + row, lse)
+    tl.store(o_ptr + z * stride_oz + h * stride_oh + i * stride_om + offs_dv * stride_ok,
+             cast_to(out, o_ptr.dtype.element_ty), mask=offs_dv < EV)
 
 
 # --------------------------------------------------------------------------- backward

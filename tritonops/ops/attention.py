@@ -20,13 +20,23 @@ TRITONOPS_ATTENTION_EXACT_DELTA=1 it is formed from the backward's own p and dp 
 pass of the dQ kernel over the keys, 2/7 more matmul work in the backward), which keeps the
 gradients right where one key takes nearly all of a row's weight: see kernels/attention.py.
 
-Configs come from four Tuners (forward, backward dK/dV, backward dQ, backward preprocess);
+The forward runs one of three ways (`attention_fwd_plan`): the regular kernel on tensor
+descriptors (TMA on Hopper) for unit-stride head dims with 16-byte aligned rows and heads and
+no mask or dropout; the same kernel on pointer loads otherwise; and, for up to
+16 query rows without mask or dropout, the split-key kernel (the keys in slices over more
+programs, merged by log-sum-exp), whose lse is the regular kernel's, so the backward is
+the same for all three.
+
+Configs come from four Tuners (forward, backward dK/dV, backward dQ, backward preprocess)
+and, for the split-key forward, a heuristic whose split count fills the GPU;
 the op is the custom op tritonops::attention, its backward tritonops::attention_backward,
 so torch.compile keeps both in one graph.
 """
 
+import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +51,13 @@ from ..kernels.attention import (
     _attn_bwd_preprocess_kernel,
     _attn_dropout_mask_kernel,
     _attn_fwd_kernel,
+    _attn_fwd_split_kernel,
+    _attn_split_merge_kernel,
 )
 from ..tuning.attention import (ATTENTION_BWD_DKDV_TUNER, ATTENTION_BWD_DQ_TUNER, ATTENTION_BWD_PREPROCESS_TUNER,
-                                ATTENTION_TUNER, MAX_HEAD_DIM, attention_dq_key, attention_key,
-                                attention_preprocess_key)
+                                ATTENTION_TUNER, MAX_HEAD_DIM, SPLIT_MAX_L, attention_dq_key, attention_key,
+                                attention_preprocess_key, attention_split_config, attention_split_key,
+                                split_count)
 from ._autocast import autocast_inputs
 from ._common import check_no_forward_ad, check_same, dot_input_precision, padded_dim, use_reference
 
@@ -94,6 +107,94 @@ def _scales(scale: float | None, E: int) -> tuple[float, float]:
     return scale * LOG2E, scale
 
 
+# 16-bit only: compiled for sm90, float32 at torch's default precision (exact fp32 dots, no
+# tensor cores) spills on every tile, and more on descriptor loads than on pointer loads.
+DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _device_has_tma(device: torch.device) -> bool:
+    """Whether launches on `device` may use tensor descriptors: a Hopper or newer NVIDIA GPU;
+    off a GPU (the interpreter, or compiling for sm90 without one) the layout alone decides."""
+    if device.type != "cuda" or runtime.INTERPRETER:
+        return True
+    return _has_tma(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _descriptor_layout(t: torch.Tensor) -> bool:
+    """A (Z, heads, n, d) operand a tensor descriptor can read one head of: unit stride along d,
+    a 16-byte aligned row stride and base address of every head (data pointer and batch and
+    head strides), d and n at least 1."""
+    itemsize = t.element_size()
+    if t.dtype not in DESCRIPTOR_DTYPES or min(t.shape[2:]) < 1 or t.stride(3) != 1:
+        return False
+    if t.stride(2) <= 0 or (t.stride(2) * itemsize) % 16:
+        return False
+    heads = [t.stride(d) for d in (0, 1) if t.shape[d] > 1]
+    return t.data_ptr() % 16 == 0 and all((st * itemsize) % 16 == 0 for st in heads)
+
+
+class ForwardPlan(NamedTuple):
+    """How `launch_attention_fwd` runs a problem: `kernel` is "split" (split-key forward and
+    merge, `splits` key slices), "tma" (the regular forward on tensor descriptors) or "pointer"
+    (the regular forward on pointer loads); `config` that kernel's config."""
+
+    kernel: str
+    config: Config
+    splits: int
+
+
+def _split_layout(q: torch.Tensor, k: torch.Tensor, causal: bool, config: Config,
+                  num_splits: int | None = None) -> tuple[int, int, int, int]:
+    """(splits, keys per split, row blocks, attended keys) of the split-key forward: the keys
+    [0, attended) (causal: min(S, L), top-left aligned) in slices of whole BLOCK_N blocks,
+    `num_splits` of them or, if None, as many as `split_count` gives for the config's
+    PROGRAMS_PER_SM and the device's SMs."""
+    Z, H, L, _ = q.shape
+    HK, S = k.shape[1], k.shape[2]
+    keys = min(S, L) if causal else S
+    row_blocks = triton.cdiv((H // max(HK, 1)) * L, config["BLOCK_M"])
+    bn = config["BLOCK_N"]
+    if num_splits is None:
+        target = config["PROGRAMS_PER_SM"] * runtime.sm_count(q.device)
+        splits, split_keys = split_count(keys, bn, Z * HK * row_blocks, target)
+    else:
+        split_keys = triton.cdiv(triton.cdiv(keys, bn), max(num_splits, 1)) * bn
+        splits = triton.cdiv(keys, split_keys)
+    return splits, split_keys, row_blocks, keys
+
+
+def attention_fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                       causal: bool = False, dropout_p: float = 0.0, config: Config | None = None) -> ForwardPlan:
+    """The kernel and config `launch_attention_fwd` uses for these operands.
+
+    Up to SPLIT_MAX_L query rows, no mask, no dropout and no `config`: the split-key forward,
+    where the keys split into two slices or more (else there is nothing to gain over one
+    program per row block). Otherwise the regular forward with `config` (or the tuner's),
+    on tensor descriptors where there is no mask and no dropout and q, k, v and the output
+    allow them (`_descriptor_layout`, a GPU with TMA), else on pointer loads. (Compiled for
+    sm90, dropout's Philox bits on top of descriptor loads spilled registers where the
+    pointer loads did not.)
+    """
+    Z, H, L, E = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    if config is None and mask is None and not dropout_p > 0 and L <= SPLIT_MAX_L and HK > 0:
+        split_cfg = attention_split_config(attention_split_key(E, EV, (H // HK) * L, S, q.dtype, causal))
+        splits = _split_layout(q, k, causal, split_cfg)[0]
+        if splits > 1:
+            return ForwardPlan("split", split_cfg, splits)
+    mask_kind = _mask_args(mask, q)[2]
+    cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0))
+    # the output is new and contiguous: its rows are aligned where Ev's bytes are
+    tma = (mask is None and not dropout_p > 0 and _device_has_tma(q.device) and all(_descriptor_layout(t) for t in (q, k, v))
+           and (EV * q.element_size()) % 16 == 0)
+    return ForwardPlan("tma" if tma else "pointer", cfg, 1)
+
+
 def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                          causal: bool = False, scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
                          config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,17 +204,25 @@ def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     (stride 0 for broadcast dims); H a multiple of HK (query head h reads key head h // (H // HK)).
     Returns o (Z, H, L, Ev) and lse (Z * H, L), float32 (float64 for float64 inputs), in base 2
     (logsumexp / ln 2), +inf for a row with nothing to attend to.
-    `config` overrides the tuner's choice (benchmarks, tuning).
+    `config` overrides the tuner's choice of the regular forward's tile (benchmarks, tuning);
+    `attention_fwd_plan` says which kernel runs.
     """
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    if Z * H * L == 0:  # no query rows (with Ev = 0 there are: the backward needs their lse)
+        return (runtime.new_output((Z, H, L, EV), q.dtype, q.device),
+                runtime.new_output((Z * H, L), _lse_dtype(q.dtype), q.device))
+    plan = attention_fwd_plan(q, k, v, mask, causal, dropout_p, config)
+    if plan.kernel == "split":
+        return launch_attention_fwd_split(q, k, v, causal, scale, config=plan.config)
     qk_scale, _ = _scales(scale, E)
     o = runtime.new_output((Z, H, L, EV), q.dtype, q.device)
     lse = runtime.new_output((Z * H, L), _lse_dtype(q.dtype), q.device)
-    if lse.numel() == 0:  # no query rows (with Ev = 0 there are: the backward needs their lse)
-        return o, lse
     mask_t, mask_strides, mask_kind = _mask_args(mask, q)
-    cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0))
+    cfg = plan.config
+    tma = plan.kernel == "tma"
+    if tma:
+        runtime.ensure_descriptor_allocator(q.device)
     grid = (Z * H * triton.cdiv(L, cfg["BLOCK_M"]),)
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, o, lse,
@@ -122,8 +231,46 @@ def launch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *o.stride(),
         BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV),
         CAUSAL=causal, MASK=mask_kind, DROPOUT=dropout_p > 0,
-        INPUT_PRECISION=dot_input_precision(q.dtype), **cfg.launch_kwargs(),
+        INPUT_PRECISION=dot_input_precision(q.dtype), TMA=tma, **cfg.launch_kwargs(),
     )
+    return o, lse
+
+
+SPLIT_MERGE_BLOCK = 16  # key splits the merge reads per step
+
+
+def launch_attention_fwd_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                               scale: float | None = None, config: Config | None = None,
+                               num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`launch_attention_fwd` without mask or dropout, on the split-key forward: each program
+    takes the query rows of a GQA group (up to BLOCK_M of them) against one slice of the keys
+    and writes its partial output and base-2 lse (float32; float64 for float64 inputs); a
+    second kernel merges the slices by their lse in a fixed order. Returns (o, lse) as
+    `launch_attention_fwd` does. `config` (default: `attention_split_config`) has BLOCK_M,
+    BLOCK_N and the host parameter PROGRAMS_PER_SM; `num_splits` overrides the split count
+    the config's rule gives (`_split_layout`)."""
+    Z, H, L, E = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    qk_scale, _ = _scales(scale, E)
+    part_dtype = _lse_dtype(q.dtype)
+    o = runtime.new_output((Z, H, L, EV), q.dtype, q.device)
+    lse = runtime.new_output((Z * H, L), part_dtype, q.device)
+    if lse.numel() == 0:
+        return o, lse
+    cfg = config or attention_split_config(attention_split_key(E, EV, (H // HK) * L, S, q.dtype, causal))
+    splits, split_keys, row_blocks, keys = _split_layout(q, k, causal, cfg, num_splits)
+    part_o = runtime.new_output((Z * H * L, splits, EV), part_dtype, q.device)
+    part_lse = runtime.new_output((Z * H * L, splits), part_dtype, q.device)
+    if splits:
+        _attn_fwd_split_kernel[(Z * HK * row_blocks * splits,)](
+            q, k, v, part_o, part_lse, qk_scale,
+            HK, H // HK, L, S, E, EV, keys, split_keys, splits, row_blocks,
+            *q.stride(), *k.stride(), *v.stride(),
+            BLOCK_D=padded_dim(E), BLOCK_DV=padded_dim(EV), CAUSAL=causal,
+            INPUT_PRECISION=dot_input_precision(q.dtype), **cfg.launch_kwargs())
+    _attn_split_merge_kernel[(Z * H * L,)](
+        part_o, part_lse, o, lse, H, L, EV, splits, *o.stride(),
+        BLOCK_S=SPLIT_MERGE_BLOCK, BLOCK_DV=padded_dim(EV), num_warps=4, num_stages=1)
     return o, lse
 
 

@@ -73,12 +73,41 @@ def attention_preprocess_key(EV: int, L: int, dtype: torch.dtype | str) -> Atten
     return AttentionPreprocessKey(padded_dim(EV), dtype_name(dtype), bucket(L))
 
 
+class AttentionSplitKey(NamedTuple):
+    """A problem of the split-key forward (short queries, many keys: decoding)."""
+
+    D: int  # head dim padded to a power of two (max over E and Ev)
+    causal: bool
+    dtype: str
+    rows: int  # bucketed query rows of a GQA group (group size x L), the rows a program packs
+    S: int  # bucketed key length
+
+
+def attention_split_key(E: int, EV: int, rows: int, S: int, dtype: torch.dtype | str,
+                        causal: bool) -> AttentionSplitKey:
+    return AttentionSplitKey(max(padded_dim(E), padded_dim(EV)), bool(causal), dtype_name(dtype), bucket(rows),
+                             bucket(S))
+
+
 # --------------------------------------------------------------------------- heuristic defaults
 # The defaults are leads for Hopper (Inductor's H100 defaults, the Triton FA2 tutorial),
 # to be replaced by tuned winners; the interpreter cannot judge them.
 
 SMEM_BUDGET = 200 * 1024  # bytes a default may use: under Hopper's 227 KB, room for the compiler's own
 REGISTER_VALUES = 256  # fp32 accumulator + score values per thread a config may hold (255 registers max)
+# The forward's budget, measured (compiled for sm90 as the JIT compiles, Triton 3.6 and 3.9, 16-bit,
+# causal, head dims 64-256, descriptor and pointer loads): every tile of up to 144 score +
+# accumulator values per thread compiled without spills, in 82-254 registers; from 160 on the
+# pointer loads spill (d64 128x128 4 warps: 192, 56-92 B; d128 128x32 4 warps: 160, 56 B; d256
+# 64x64 4 warps: 160, 24 B; d128 128x64 4 warps: 192, 464-520 B).
+FWD_REGISTER_VALUES = 144
+# ... and with a mask or dropout (a mask tile, Philox bits per score), on the pointer loads those
+# take: up to 80 values compiled without spills; d64 128x128 8 warps, d128 128x64 8 warps and
+# d128 64x64 4 warps (96 values) spill 8-104 B, d256 64x32 4 warps (144) 60 B.
+FWD_MASKED_REGISTER_VALUES = 80
+# Shared memory a forward config leaves free under the device's limit: 229 KB of 227 KB-limit
+# (d128 128x128, 3 stages: 3 KB under Hopper's 232448 B) is too close to be worth a compile.
+FWD_SMEM_MARGIN = 8 * 1024
 FWD_8_WARP_TILE = 128 * 64  # the smallest forward BLOCK_M x BLOCK_N tile worth 8 warps on sm90
 BWD_8_WARP_BLOCK = 64  # the smallest block a backward program owns (dK/dV: BLOCK_N, dQ: BLOCK_M) for 8 warps
 
@@ -112,22 +141,42 @@ def _fit_smem(block_m: int, block_n: int, head_dim: int, itemsize: int, stages: 
     return block_n, stages
 
 
+def _fwd_values(block_m: int, block_n: int, head_dim: int, warps: int) -> float:
+    """fp32 score (BLOCK_M x BLOCK_N) and accumulator (BLOCK_M x D) values per thread."""
+    return (block_m * block_n + block_m * head_dim) / (32 * warps)
+
+
+def _fwd_value_budget(mask_or_dropout: bool) -> int:
+    return FWD_MASKED_REGISTER_VALUES if mask_or_dropout else FWD_REGISTER_VALUES
+
+
 def attention_config(key: AttentionKey) -> Config:
     """Forward default for an attention_key: BLOCK_M query rows per program, stepping BLOCK_N keys.
 
     Inductor's H100 bf16 defaults (BM, BN, stages, warps): head dim <= 64 (128, 128, 3, 4),
-    <= 128 (128, 64, 3, 8), <= 256 (64, 32, 3, 4). 4-byte types halve BLOCK_N (twice the
-    bytes per tile), 8-byte ones (interpreter only) halve it again. BLOCK_N then shrinks
-    (and for float64 the stages drop) until Q and 3 stages of K and V fit in shared memory;
-    BLOCK_M and BLOCK_N are pruned to next_pow2(L) and next_pow2(S) (at least 16), and a
-    tile under 128 x 64 uses 4 warps.
+    <= 128 (128, 64, 3, 8), <= 256 (64, 32, 3, 4); at d64 with 8 warps here, as 4 spill
+    (FWD_REGISTER_VALUES). 4-byte types halve BLOCK_N (twice the bytes per tile), 8-byte ones
+    (interpreter only) halve it again. BLOCK_N then shrinks (and for float64 the stages drop)
+    until Q and 3 stages of K and V fit in shared memory; BLOCK_M and BLOCK_N are pruned to
+    next_pow2(L) and next_pow2(S) (at least 16), a tile under 128 x 64 uses 4 warps, and
+    the tile halves (the wider of its sides) while its values per thread pass the budget
+    (FWD_REGISTER_VALUES, FWD_MASKED_REGISTER_VALUES with a mask or dropout): float32 at
+    d128 64 x 32; with a mask or dropout d64 128 x 64, d128 64 x 32, d256 32 x 32.
     """
     itemsize = ITEMSIZE[key.dtype]
-    bm, bn, stages, warps = _by_head_dim(key.D, (128, 128, 3, 4), (128, 64, 3, 8), (64, 32, 3, 4))
+    bm, bn, stages, warps = _by_head_dim(key.D, (128, 128, 3, 8), (128, 64, 3, 8), (64, 32, 3, 4))
     bm, bn = _prune(bm, key.L), _prune(_narrow(bn, itemsize), key.S)
     bn, stages = _fit_smem(bm, bn, key.D, itemsize, stages)
-    if bm < 128 or bm * bn < FWD_8_WARP_TILE:
-        warps = 4
+    budget = _fwd_value_budget(key.mask != "none" or key.dropout)
+    while True:
+        if bm < 128 or bm * bn < FWD_8_WARP_TILE:
+            warps = 4
+        if bm * bn == 256 or _fwd_values(bm, bn, key.D, warps) <= budget:
+            break
+        if bn >= bm and bn > 16:
+            bn //= 2
+        else:
+            bm //= 2
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
@@ -135,13 +184,15 @@ def attention_bwd_dkdv_config(key: AttentionKey) -> Config:
     """dK/dV default for an attention_key: BLOCK_N keys per program (their dK, dV accumulators
     stay in registers), stepping BLOCK_M query rows.
 
-    From the Triton FA2 tutorial on H100 (BLOCK_N1 = 128, BLOCK_M1 = 32): head dim <= 64
-    (32, 128, 4 warps, 3 stages), <= 128 (32, 128, 8 warps, 2 stages: the accumulators
-    double), <= 256 (16, 64, 8 warps, 2 stages). 4- and 8-byte types halve BLOCK_N for each
-    doubling of the element size; blocks pruned to the extents as in `attention_config`;
-    a BLOCK_N under 64 uses 4 warps.
+    From the Triton FA2 tutorial on H100 (BLOCK_N1 = 128, BLOCK_M1 = 32), moved off the
+    configs that spill compiled for sm90 (Triton 3.6 and 3.9): head dim <= 64 (32, 128,
+    8 warps, 3 stages; 4 warps spill 344-480 B causal), <= 128 (32, 128, 8 warps, 2 stages:
+    the accumulators double), <= 256 (16, 32, 4 warps, 1 stage; 16 x 64 with 8 warps and
+    2 stages spills 48-396 B, 16 x 32 with 2 stages 8 B). 4- and 8-byte types halve BLOCK_N
+    for each doubling of the element size; blocks pruned to the extents as in
+    `attention_config`; a BLOCK_N under 64 uses 4 warps.
     """
-    bm, bn, warps, stages = _by_head_dim(key.D, (32, 128, 4, 3), (32, 128, 8, 2), (16, 64, 8, 2))
+    bm, bn, warps, stages = _by_head_dim(key.D, (32, 128, 8, 3), (32, 128, 8, 2), (16, 32, 4, 1))
     bm, bn = _prune(bm, key.L), _prune(_narrow(bn, ITEMSIZE[key.dtype]), key.S)
     if bn < BWD_8_WARP_BLOCK:
         warps = 4
@@ -165,6 +216,37 @@ def attention_bwd_dq_config(key: AttentionDqKey) -> Config:
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# The split-key forward serves query lengths up to SPLIT_MAX_L, without a mask or dropout (those
+# take the regular forward). Its programs: batch x key heads x row blocks x key splits.
+SPLIT_MAX_L = 16
+SPLIT_MAX_BLOCK_M = 64  # rows of a GQA group a program packs (more: several row blocks)
+SPLIT_PROGRAMS_PER_SM = 2  # the default's target: programs = PROGRAMS_PER_SM x SMs
+
+
+def attention_split_config(key: AttentionSplitKey) -> Config:
+    """Split-key forward default: BLOCK_M packed query rows (the group's heads x L queries,
+    16 to SPLIT_MAX_BLOCK_M: tl.dot needs 16), stepping BLOCK_N keys through a 3-stage
+    pipeline of K and V (memory-bound: the tile is small, the stream of keys long), 4 warps;
+    BLOCK_N 64 for 2-byte types up to head dim 128, 32 at 256, halved for each doubling of
+    the element size and pruned to S. Host parameter PROGRAMS_PER_SM: the split count is
+    chosen to give the GPU that many programs per SM (`split_count`)."""
+    itemsize = ITEMSIZE[key.dtype]
+    bm = _prune(SPLIT_MAX_BLOCK_M, key.rows)
+    bn = _prune(_narrow(64 if key.D <= 128 else 32, itemsize), key.S)
+    return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=3,
+                  host={"PROGRAMS_PER_SM": SPLIT_PROGRAMS_PER_SM})
+
+
+def split_count(keys: int, block_n: int, programs: int, target_programs: int) -> tuple[int, int]:
+    """(splits, keys per split) for `keys` keys stepped BLOCK_N at a time, when `programs`
+    programs (batch x key heads x row blocks) each take one slice: slices of whole blocks,
+    as many blocks each as still gives at least target_programs programs in all (one slice
+    of every key when the programs alone reach it)."""
+    blocks = triton.cdiv(keys, block_n)
+    per_split = max(1, blocks // max(1, triton.cdiv(target_programs, max(programs, 1))))
+    return triton.cdiv(blocks, per_split), per_split * block_n
+
+
 def attention_bwd_preprocess_config(key: AttentionPreprocessKey) -> Config:
     """delta0 = rowsum(O * dO), for an attention_preprocess_key: memory-bound; 64 rows
     (fewer for a short L, 16 for a head wider than 128), 4 warps, no pipeline."""
@@ -173,11 +255,10 @@ def attention_bwd_preprocess_config(key: AttentionPreprocessKey) -> Config:
 
 
 # --------------------------------------------------------------------------- search spaces
-# The shared-memory estimates are upper bounds of what Triton 3.6 and 3.9 allocate compiling
-# these kernels for sm90 (checked on float16 tiles from 32 x 128 to 128 x 128 at head dims
-# 64-256, and float32 128 x 128 at d128, 1 to 4 stages): they assume every stage holds its own
-# K/V (or Q/dO) tiles, as float32 loops do; the 16-bit loops were not pipelined at all (the
-# same shared memory at any num_stages: a lead for the GPU).
+# The shared-memory estimates are what Triton 3.6 and 3.9 allocate compiling these kernels for
+# sm90 with the JIT's specialisation of the arguments (16-byte divisibility): every stage of
+# the pipelined loops holds its own K/V (or Q/dO) tiles, 16-bit and float32 alike; the forward
+# on tensor descriptors adds its barriers (1 KB at 3 stages), inside FWD_SMEM_MARGIN.
 # Every config of a space runs correctly on the kernels (any power-of-two BLOCK_M, BLOCK_N
 # from 16, BLOCK_M != BLOCK_N on the causal diagonal included); the rules only drop what
 # cannot run here (shared memory) or cannot win (blocks past the extents, idle warps, spills).
@@ -194,11 +275,14 @@ STAGES = [1, 2, 3, 4]
 
 def _problem(key: AttentionKey | AttentionDqKey) -> dict:
     return {"L": key.L, "S": key.S, "D": key.D, "itemsize": ITEMSIZE[key.dtype],
-            "sm": runtime.device_properties()["capability"][0]}
+            "sm": runtime.device_properties()["capability"][0], "masked": key.mask != "none" or key.dropout}
 
 
 def _fwd_smem_bytes(config: Config, problem: dict) -> int:
-    return _fwd_smem(config["BLOCK_M"], config["BLOCK_N"], config.num_stages, problem["D"], problem["itemsize"])
+    """The forward's shared memory and FWD_SMEM_MARGIN: configs within the margin of the
+    device's limit are dropped with those over it."""
+    return _fwd_smem(config["BLOCK_M"], config["BLOCK_N"], config.num_stages, problem["D"],
+                     problem["itemsize"]) + FWD_SMEM_MARGIN
 
 
 def _dkdv_smem_bytes(config: Config, problem: dict) -> int:
@@ -218,9 +302,15 @@ def _values_per_thread(config: Config, values: int) -> bool:
 
 
 def _fwd_registers(config: Config, problem: dict) -> bool:
-    """The BLOCK_M x BLOCK_N scores and the BLOCK_M x D accumulator fit in registers."""
+    """The BLOCK_M x BLOCK_N scores and the BLOCK_M x D accumulator fit in registers without
+    spills (FWD_REGISTER_VALUES per thread, FWD_MASKED_REGISTER_VALUES with a mask or dropout);
+    and a tile of 64 rows or more steps no more keys than it has rows: 64 x 128 spills at d128
+    with 4 warps (136 B) and at d256 with 8 (56 B)."""
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    return _values_per_thread(config, bm * bn + bm * problem.get("D", 16))
+    if bm >= 64 and bn > bm:
+        return False
+    budget = _fwd_value_budget(problem.get("masked", False))
+    return _fwd_values(bm, bn, problem.get("D", 16), config.num_warps) <= budget
 
 
 def _fwd_warps(config: Config, problem: dict) -> bool:
@@ -261,7 +351,7 @@ _BLOCK_DIMS = {"BLOCK_M": "L", "BLOCK_N": "S"}
 
 ATTENTION_SPACE = Space(
     {"BLOCK_M": BLOCKS, "BLOCK_N": BLOCKS}, num_warps=WARPS, num_stages=STAGES, smem_bytes=_fwd_smem_bytes,
-    block_dims=_BLOCK_DIMS, dot_params=["BLOCK_M", "BLOCK_N"], constraints=[_fwd_registers, _fwd_warps], version=1)
+    block_dims=_BLOCK_DIMS, dot_params=["BLOCK_M", "BLOCK_N"], constraints=[_fwd_registers, _fwd_warps], version=2)
 
 ATTENTION_BWD_DKDV_SPACE = Space(
     {"BLOCK_M": BLOCKS, "BLOCK_N": BLOCKS}, num_warps=WARPS, num_stages=STAGES, smem_bytes=_dkdv_smem_bytes,
