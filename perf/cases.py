@@ -303,7 +303,7 @@ _add(OpSpec(
     extra_providers=tuple(SDPA_BACKENDS)))
 
 _add(OpSpec(
-    "attention_decode", "tritonops.ops.attention", "attention", "GB/s", x="S", group=("E",),
+    "attention_decode", "tritonops.ops.attention", "attention", "GB/s", x="S", group=("B", "E"),
     shapes={"smoke": [{"B": 1, "H": 4, "HKV": 2, "L": 1, "S": s, "E": 32, "causal": 0} for s in (64, 300)],
             "quick": [{"B": 1, "H": 32, "HKV": 8, "L": 1, "S": s, "E": 128, "causal": 0} for s in DECODE_KEYS],
             "full": [{"B": b, "H": 32, "HKV": 8, "L": 1, "S": s, "E": 128, "causal": 0}

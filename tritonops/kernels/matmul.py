@@ -249,18 +249,22 @@ def _splitk_reduce_kernel(
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
 ):
-    """c = activation(sum of the splits + bias), the splits added in order."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    B = tl.num_programs(2)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """c = activation(sum of the splits + bias), the splits added in order. One program per
+    BLOCK_M x BLOCK_N tile of each batch, on a 1-D grid (batch-major)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    batch = (pid // tiles).to(tl.int64)
+    tile = pid % tiles
+    plane = (tl.num_programs(0) // tiles).to(tl.int64) * M * N  # one split's B x M x N partials
+    offs_m = ((tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     w_ptrs = w_ptr + (batch * M + offs_m[:, None]) * N + offs_n[None, :]
     acc = tl.load(w_ptrs, mask=mask, other=0.0)
-    for s in range(1, SPLIT_K):
-        acc += tl.load(w_ptrs + s * B * M * N, mask=mask, other=0.0)
+    for _ in range(1, SPLIT_K):
+        w_ptrs += plane
+        acc += tl.load(w_ptrs, mask=mask, other=0.0)
     c_offs = batch * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     _store_epilogue(acc, c_ptr + c_offs, z_ptr + c_offs, bias_ptr + (offs_n % N) * stride_bias, mask,
                     HAS_BIAS, ACTIVATION, STORE_PREACT)

@@ -58,8 +58,11 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
             **epilogue, **cfg.launch_kwargs())
         return c, z
     meta = cfg.meta
-    split_k = cfg.get("SPLIT_K", 1)
-    grid = (B * split_k * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    tiles = B * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    # The key has no batch: where the batch's tiles alone fill the GPU twice over, split K
+    # would only add the workspace's traffic and a second kernel.
+    split_k = cfg.get("SPLIT_K", 1) if tiles < 2 * runtime.sm_count(a.device) else 1
+    grid = (split_k * tiles,)
     even_k = K % meta["BLOCK_K"] == 0
     if split_k == 1:
         _matmul_fwd_kernel[grid](
@@ -68,14 +71,14 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
         return c, z
     # Split K: partial sums into a workspace, then their sum in a fixed order, which applies
     # the epilogue (deterministic, no atomics).
-    work = torch.empty((split_k, B, M, N), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32,
-                       device=a.device)
+    work = runtime.new_output((split_k, B, M, N), torch.float64 if a.dtype == torch.float64 else torch.float32,
+                              a.device)
     _matmul_fwd_kernel[grid](
         a, b, work, work, work, M, N, K, *a.stride(), *b.stride(), *c.stride(), 0,
         EVEN_K=even_k, HAS_BIAS=False, ACTIVATION="none", STORE_PREACT=False,
         INPUT_PRECISION=epilogue["INPUT_PRECISION"], SPLIT_K=split_k, **cfg.launch_kwargs())
     rc = splitk_reduce_config(M, N)
-    _splitk_reduce_kernel[(triton.cdiv(M, rc["BLOCK_M"]), triton.cdiv(N, rc["BLOCK_N"]), B)](
+    _splitk_reduce_kernel[(B * triton.cdiv(M, rc["BLOCK_M"]) * triton.cdiv(N, rc["BLOCK_N"]),)](
         work, c, zz, bias_arg, M, N, *c.stride(), bias_stride, SPLIT_K=split_k,
         HAS_BIAS=epilogue["HAS_BIAS"], ACTIVATION=epilogue["ACTIVATION"], STORE_PREACT=store_preact,
         **rc.launch_kwargs())

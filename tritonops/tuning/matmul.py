@@ -60,12 +60,21 @@ def matmul_heuristic(key: MatmulKey) -> Config:
     block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
     block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
     if (key.dtype in ("float16", "bfloat16") and key.M >= TMA_MIN_MN and key.N >= TMA_MIN_MN
-            and key.K % 8 == 0 and key.N % 8 == 0 and key.K >= block_k):
+            and tma_rows_aligned(key) and key.K >= block_k):
         # A fused epilogue (erf, the pre-activation's store) spills a 128 x 256 tile's registers.
         block_n, stages = (128, 4) if key.epilogue else (256, 3)
         return Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
                       num_stages=stages, host={"TMA": True, "SPLIT_K": 1, "EPILOGUE_SUBTILE": False})
     return matmul_pointer_heuristic(key)
+
+
+def tma_rows_aligned(key: MatmulKey) -> bool:
+    """Whether the rows of a key's operands, laid out contiguously, are 16-byte multiples for
+    2-byte types (multiples of 8 elements), as tensor descriptors need: C's (N), A's (K when
+    K-major, else M) and B's (K when K-major, else N). M is the key's bucket: a launch
+    checks its real strides (`ops.matmul.tma_layout`)."""
+    rows = (key.N, key.K if key.a_kmajor else key.M, key.K if key.b_kmajor else key.N)
+    return all(n % 8 == 0 for n in rows)
 
 
 def matmul_pointer_heuristic(key: MatmulKey) -> Config:
@@ -108,11 +117,13 @@ def _accumulator_fits(config: Config, problem: dict) -> bool:
 
 
 def _variant_fits(config: Config, problem: dict) -> bool:
-    """The descriptor kernel for 16-bit types, one split and no more; its C stored in halves
+    """The descriptor kernel for 16-bit types whose rows descriptors can take (else a launch
+    runs the pointer default and the tuner would time that again), one split and no more;
+    its C stored in halves
     only there. K split only for decode-shaped problems, each split at least MIN_SPLIT_STEPS
     steps of BLOCK_K."""
     if config["TMA"]:
-        return problem["itemsize"] == 2 and config["SPLIT_K"] == 1
+        return problem["itemsize"] == 2 and problem["tma_rows"] and config["SPLIT_K"] == 1
     if config["EPILOGUE_SUBTILE"]:
         return False
     split = config["SPLIT_K"]
@@ -130,7 +141,7 @@ MATMUL_SPACE = Space(
 
 
 def _problem(key: MatmulKey) -> dict:
-    return {"M": key.M, "N": key.N, "K": key.K, "itemsize": ITEMSIZE[key.dtype]}
+    return {"M": key.M, "N": key.N, "K": key.K, "itemsize": ITEMSIZE[key.dtype], "tma_rows": tma_rows_aligned(key)}
 
 
 def _runner(key: MatmulKey):
