@@ -3,6 +3,7 @@ loads, and the split-key forward for short queries against many keys, each again
 (float64 reference, torch at the same precision for the error bar), with the launches
 recorded so a test fails if the launcher silently took another kernel."""
 
+import inspect
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from autotune import Config
 from tritonops import runtime, testing
+from tritonops.kernels import attention as attn_kernels
 from tritonops.ops import attention as attn_ops
 from tritonops.ops.attention import attention
 from tritonops.tuning import attention as attn_tuning
@@ -166,7 +168,9 @@ def _reference(q, k, v, causal, scale):
 def test_split_lse_matches_the_regular_forward(device, causal):
     """The split path's (o, lse) is the regular forward's, in float64 (where both are exact to
     the last bits but for the order of their sums), and the float64 reference's: several row
-    blocks (28 packed rows in 16-row blocks), slices of 32 keys with a tail, causal top-left."""
+    blocks (28 packed rows in 16-row blocks), slices of 32 keys with a tail; causal top-left,
+    where the 7 attended keys fit one slice (a causal query block of at most 16 rows sees at
+    most 16 keys, so the plan never splits it)."""
     q, k, v = (t.double() for t in qkv(2, 8, 7, 90, 24, 40, device=device, HK=2))
     o, lse = attn_ops.launch_attention_fwd_split(q, k, v, causal, 0.3, config=_split_config(16, 16), num_splits=3)
     o_regular, lse_regular = attn_ops.launch_attention_fwd(q, k, v, None, causal, 0.3,
@@ -207,11 +211,26 @@ def test_split_merge_weights_every_slice(device):
     assert torch.allclose(o[0, :, 0], v[0, 0, [3, 20, 37, 63]])
 
 
-def test_split_is_deterministic(device):
-    q, k, v = qkv(1, 4, 3, 500, 32, dtype=torch.float16, device=device, HK=2)
-    runs = [attn_ops.launch_attention_fwd(q, k, v) for _ in range(2)]
-    assert attn_ops.attention_fwd_plan(q, k, v).kernel == "split"
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+def test_split_merges_without_atomics():
+    """Deterministic by construction: the slices meet only in the merge kernel's ordered sum
+    (the interpreter runs programs one by one, so comparing two runs would prove nothing)."""
+    source = inspect.getsource(attn_kernels)
+    assert "tl.atomic" not in source and "_attn_split_merge_kernel" in source
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_split_lse_of_nan_and_inf_scores_is_the_regular_forwards(device, bad):
+    """A NaN or +inf score makes the rows that see it NaN; their lse is the regular forward's
+    (+inf), not the finite lse of the other slices."""
+    q, k, v = qkv(1, 4, 1, 300, 32, device=device, HK=2)
+    k[0, 0, 250, 3] = bad
+    o, lse = attn_ops.launch_attention_fwd_split(q, k, v, num_splits=4)
+    o_regular, lse_regular = attn_ops.launch_attention_fwd(q, k, v, config=Config({"BLOCK_M": 16, "BLOCK_N": 32}, 4, 2))
+    assert torch.equal(o.isnan(), o_regular.isnan()) and o.isnan().any()
+    assert torch.equal(lse.isinf(), lse_regular.isinf()) and lse.isinf().any()
+    finite = lse_regular.isfinite()
+    testing.assert_close(lse[finite], lse_regular[finite], None)
 
 
 def test_split_plan_rules():
@@ -247,3 +266,76 @@ def test_split_count_rule():
     assert attn_tuning.split_count(8192, 64, 300, 264) == (1, 8192)  # the programs alone fill the GPU
     assert attn_tuning.split_count(100, 32, 1, 264) == (4, 32)  # one block a slice at most, the tail its own
     assert attn_tuning.split_count(0, 32, 1, 264) == (0, 32)
+
+
+# --------------------------------------------------------------------------- heuristic defaults
+
+
+def _default(kernel, D, dtype, mask="none", dropout=False, causal=True, L=2048):
+    key = attn_tuning.AttentionKey(D, causal, dtype, L, L, mask, dropout)
+    if kernel == "dq":
+        return attn_tuning.attention_bwd_dq_config(attn_tuning.AttentionDqKey(*key, mask == "add"))
+    return {"fwd": attn_tuning.attention_config, "dkdv": attn_tuning.attention_bwd_dkdv_config}[kernel](key)
+
+
+def _tile(cfg):
+    return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_defaults_shrink_where_sm90_spills(dtype):
+    """The 16-bit backward defaults, measured compiled for sm90 with GQA (the key cannot tell
+    it apart): the tutorial's tiles where they compile clean, smaller ones where a mask,
+    dropout or the head dim make them spill."""
+    for mask in ("none", "bool", "add"):
+        for dropout in (False, True):
+            masked = mask != "none"
+            # dK/dV: (BLOCK_M, BLOCK_N, warps, stages)
+            assert _tile(_default("dkdv", 64, dtype, mask, dropout)) == ((16 if masked and dropout else 32), 128, 8, 3)
+            assert _tile(_default("dkdv", 128, dtype, mask, dropout)) == (
+                (16, 32, 4, 1) if masked or dropout else (16, 128, 8, 2))
+            assert _tile(_default("dkdv", 256, dtype, mask, dropout)) == (16, 16, 4, 1 if masked or dropout else 2)
+            # dQ
+            assert _tile(_default("dq", 64, dtype, mask, dropout)) == (128, 32, 8 if dropout else 4, 3)
+            assert _tile(_default("dq", 128, dtype, mask, dropout)) == (128, 32, 8, 2)
+            assert _tile(_default("dq", 256, dtype, mask, dropout)) == (
+                (32, 16, 4, 2) if masked or dropout else (64, 16, 8, 2))
+    # a short sequence prunes the blocks, and the warps follow BLOCK_N (dK/dV) or BLOCK_M (dQ)
+    assert _tile(_default("dkdv", 128, dtype, L=32)) == (16, 32, 4, 2)
+    assert _tile(_default("dq", 64, dtype, dropout=True, L=32)) == (32, 32, 4, 3)
+
+
+def test_float32_defaults_are_the_fma_tiles():
+    """float32 (exact dots on FMA units) takes FLOAT32_TILES on every kernel, pruned to the
+    extents; float64 (interpreter only) keeps the 2-byte tiles narrowed."""
+    for kernel in ("fwd", "dkdv", "dq"):
+        for i, D in enumerate((64, 128, 256)):
+            for mask, dropout in (("none", False), ("bool", True), ("add", False)):
+                cfg = _default(kernel, D, "float32", mask, dropout)
+                assert _tile(cfg) == attn_tuning.FLOAT32_TILES[kernel][i], (kernel, D, mask, dropout)
+    assert attn_tuning.FLOAT32_TILES["fwd"][0] == (32, 32, 4, 2)
+    assert attn_tuning.FLOAT32_TILES["dkdv"][1] == (32, 16, 4, 2)
+    assert _tile(_default("fwd", 64, "float32", L=16)) == (16, 16, 4, 2)
+    assert _tile(_default("dkdv", 128, "float64")) == (32, 32, 4, 2)
+    for i, D in enumerate((64, 128, 256)):  # the split-key forward, 64 packed rows
+        cfg = attn_tuning.attention_split_config(attn_tuning.attention_split_key(D, D, 64, 8192, "float32", False))
+        assert _tile(cfg) == attn_tuning.FLOAT32_TILES["split"][i]
+    cfg = attn_tuning.attention_split_config(attn_tuning.attention_split_key(128, 128, 4, 8192, "float32", False))
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 16)  # pruned to the rows there are
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_default_tiles_with_gqa_and_a_mask(device, monkeypatch, dtype):
+    """The defaults of a GQA problem with a bool mask, causal, head dim 80 (padded to 128):
+    the tiles the rules pick reach the kernels, and forward and backward match torch."""
+    chosen = {}
+    for name, tuner in (("fwd", attn_tuning.ATTENTION_TUNER), ("dkdv", attn_tuning.ATTENTION_BWD_DKDV_TUNER),
+                        ("dq", attn_tuning.ATTENTION_BWD_DQ_TUNER)):
+        monkeypatch.setattr(tuner, "select",
+                            lambda key, name=name, select=tuner.select: chosen.setdefault(name, select(key)))
+    q, k, v = qkv(1, 4, 37, 45, 80, dtype=dtype, device=device, HK=2)
+    mask = (torch.rand(37, 45, device=device) > 0.2).expand(1, 4, 37, 45)
+    check_op(attention, sdpa, q, k, v, attn_mask=mask, is_causal=False, enable_gqa=True)
+    dkdv = (32, 16, 4, 2) if dtype == torch.float32 else (16, 32, 4, 1)
+    assert _tile(chosen["dkdv"]) == dkdv
+    assert _tile(chosen["dq"]) == ((16, 16, 4, 2) if dtype == torch.float32 else (64, 32, 8, 2))

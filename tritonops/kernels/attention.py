@@ -304,7 +304,7 @@ def _attn_fwd_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(q_ptr + z * stride_qz + h[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qm
-                + offs_d[None, :] * stride_qk, mask=r_ok[:, None] & (offs_d[None, :] < E), other=0.0)
+                + offs_d[None, :].to(tl.int64) * stride_qk, mask=r_ok[:, None] & (offs_d[None, :] < E), other=0.0)
     q = upcast(q)
     k_base = k_ptr + z * stride_kz + hk * stride_kh
     v_base = v_ptr + z * stride_vz + hk * stride_vh
@@ -330,7 +330,9 @@ def _attn_fwd_split_kernel(
         in_ty, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, True, "none", False, INPUT_PRECISION, False)
 
     out, lse = _finish_rows(acc, l_i, m_i)
-    lse = tl.where(l_i > 0.0, lse, float("-inf"))  # no weight: the merge gives this split none
+    # No weight: the merge gives this split none. A NaN sum (a NaN or +inf score) stays NaN, so
+    # the merged lse is NaN as the regular forward's is, not the other splits' finite one.
+    lse = tl.where(l_i > 0.0, lse, tl.where(l_i == 0.0, float("-inf"), float("nan")))
     row = (z * (HK * G) + h) * L + i  # the row of lse and O: (batch x query head, query)
     part = row * num_splits + split
     tl.store(part_lse_ptr + part, lse, mask=r_ok)

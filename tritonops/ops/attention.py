@@ -152,7 +152,8 @@ def _split_layout(q: torch.Tensor, k: torch.Tensor, causal: bool, config: Config
                   num_splits: int | None = None) -> tuple[int, int, int, int]:
     """(splits, keys per split, row blocks, attended keys) of the split-key forward: the keys
     [0, attended) (causal: min(S, L), top-left aligned) in slices of whole BLOCK_N blocks,
-    `num_splits` of them or, if None, as many as `split_count` gives for the config's
+    at most `num_splits` of them (each slice takes cdiv(blocks, num_splits) blocks, so fewer
+    where that divides unevenly) or, if None, as many as `split_count` gives for the config's
     PROGRAMS_PER_SM and the device's SMs."""
     Z, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
@@ -247,7 +248,7 @@ def launch_attention_fwd_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     and writes its partial output and base-2 lse (float32; float64 for float64 inputs); a
     second kernel merges the slices by their lse in a fixed order. Returns (o, lse) as
     `launch_attention_fwd` does. `config` (default: `attention_split_config`) has BLOCK_M,
-    BLOCK_N and the host parameter PROGRAMS_PER_SM; `num_splits` overrides the split count
+    BLOCK_N and the host parameter PROGRAMS_PER_SM; `num_splits` caps the split count
     the config's rule gives (`_split_layout`)."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]

@@ -156,14 +156,19 @@ def attention_config(key: AttentionKey) -> Config:
     Inductor's H100 bf16 defaults (BM, BN, stages, warps): head dim <= 64 (128, 128, 3, 4),
     <= 128 (128, 64, 3, 8), <= 256 (64, 32, 3, 4); at d64 with 8 warps here, as 4 spill
     (FWD_REGISTER_VALUES). 4-byte types halve BLOCK_N (twice the bytes per tile), 8-byte ones
-    (interpreter only) halve it again. BLOCK_N then shrinks (and for float64 the stages drop)
+    (interpreter only) halve it again. float32 takes FLOAT32_TILES (pruned to the extents), as
+    the halved tiles spill on its FMA dots. BLOCK_N then shrinks (and for float64 the stages drop)
     until Q and 3 stages of K and V fit in shared memory; BLOCK_M and BLOCK_N are pruned to
     next_pow2(L) and next_pow2(S) (at least 16), a tile under 128 x 64 uses 4 warps, and
     the tile halves (the wider of its sides) while its values per thread pass the budget
-    (FWD_REGISTER_VALUES, FWD_MASKED_REGISTER_VALUES with a mask or dropout): float32 at
-    d128 64 x 32; with a mask or dropout d64 128 x 64, d128 64 x 32, d256 32 x 32.
+    (FWD_REGISTER_VALUES, FWD_MASKED_REGISTER_VALUES with a mask or dropout): with a mask or
+    dropout d64 128 x 64, d128 64 x 32, d256 32 x 32.
     """
     itemsize = ITEMSIZE[key.dtype]
+    if key.dtype == "float32":
+        bm, bn, warps, stages = _by_head_dim(key.D, *FLOAT32_TILES["fwd"])
+        return Config({"BLOCK_M": _prune(bm, key.L), "BLOCK_N": _prune(bn, key.S)}, num_warps=warps,
+                      num_stages=stages)
     bm, bn, stages, warps = _by_head_dim(key.D, (128, 128, 3, 8), (128, 64, 3, 8), (64, 32, 3, 4))
     bm, bn = _prune(bm, key.L), _prune(_narrow(bn, itemsize), key.S)
     bn, stages = _fit_smem(bm, bn, key.D, itemsize, stages)
@@ -180,20 +185,79 @@ def attention_config(key: AttentionKey) -> Config:
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# float32 at torch's default "ieee" precision computes its dots exactly on the FMA units (no
+# tensor cores), with both operand tiles in registers; compiled for sm90 (Triton 3.9, bool
+# mask, dropout, causal, GQA) every default of the 2-byte rules halved spilled kilobytes
+# (forward d80 64 x 32: 7376 B; dQ 2652-4508 B; dK/dV 5068 B). The largest tiles found without
+# spills, (BLOCK_M, BLOCK_N, warps, stages) for head dims <= 64, <= 128, <= 256:
+# - forward: 32 x 32 at d64 (134 registers; d128: 3068-3724 B), 32 x 16 at d128 (198-214;
+#   16 x 32 spills 1292-1884 B), 32 x 16 at d256 (212-222);
+# - dK/dV: 16 x 32 at d64 (190; 32 x 32 spills 96 B), 32 x 16 at d128 (192; 16 x 32 spills
+#   88 B, 32 x 32 1968 B and more), 16 x 16 at d256 (194);
+# - dQ: 32 x 16 at d64 (254 registers, no spills), 16 x 16 at d128 (32 x 32 spills 2324 B)
+#   and d256, where nothing is clean: 16 x 16 spills least (16 B with 2 stages; 1 stage
+#   8936 B, 32 x 16 6312 B);
+# - the split-key forward (32 query heads over 8, 16 queries, 8192 keys): 16 x 32 at d64 (166
+#   registers), 32 x 16 at d128 (200; 16 x 16 spills 24 B at 72 registers, 16 x 32 1736 B),
+#   16 x 16 at d256 (118; 32 x 16 spills 4972 B); its 2-byte 64 x 64 spilled 7276 B here.
+FLOAT32_TILES = {
+    "fwd": ((32, 32, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2)),
+    "dkdv": ((16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)),
+    "dq": ((32, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    "split": ((16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)),
+}
+
+
+def _wide_dkdv_config(key: AttentionKey) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of dK/dV for float32 (FLOAT32_TILES) and float64
+    (interpreter only: the FA2 tutorial's tiles, BLOCK_N quartered)."""
+    if key.dtype == "float32":
+        return _by_head_dim(key.D, *FLOAT32_TILES["dkdv"])
+    bm, bn, warps, stages = _by_head_dim(key.D, (32, 128, 8, 3), (32, 128, 8, 2), (16, 32, 4, 1))
+    return bm, _narrow(bn, ITEMSIZE[key.dtype]), warps, stages
+
+
+def _wide_dq_config(key: AttentionDqKey) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of dQ for float32 (FLOAT32_TILES) and float64
+    (interpreter only: the FA2 tutorial's tiles, BLOCK_M quartered)."""
+    if key.dtype == "float32":
+        return _by_head_dim(key.D, *FLOAT32_TILES["dq"])
+    bm, bn, warps, stages = _by_head_dim(key.D, (128, 32, 4, 3), (128, 32, 8, 2), (64, 16, 8, 2))
+    return _narrow(bm, ITEMSIZE[key.dtype]), bn, warps, stages
+
+
 def attention_bwd_dkdv_config(key: AttentionKey) -> Config:
     """dK/dV default for an attention_key: BLOCK_N keys per program (their dK, dV accumulators
     stay in registers), stepping BLOCK_M query rows.
 
     From the Triton FA2 tutorial on H100 (BLOCK_N1 = 128, BLOCK_M1 = 32), moved off the
-    configs that spill compiled for sm90 (Triton 3.6 and 3.9): head dim <= 64 (32, 128,
-    8 warps, 3 stages; 4 warps spill 344-480 B causal), <= 128 (32, 128, 8 warps, 2 stages:
-    the accumulators double), <= 256 (16, 32, 4 warps, 1 stage; 16 x 64 with 8 warps and
-    2 stages spills 48-396 B, 16 x 32 with 2 stages 8 B). 4- and 8-byte types halve BLOCK_N
-    for each doubling of the element size; blocks pruned to the extents as in
+    configs that spill compiled for sm90 (Triton 3.9 and 3.6, fp16 and bf16, L = S = 2048,
+    causal or not, every mask kind, dropout or not). The key has no GQA field, and a GQA
+    group (H > HK) costs registers here: the program loops over the group's query heads at
+    run time (with one head the JIT folds that loop), so each default is clean for H = 2 HK,
+    the worst case. 16-bit (BLOCK_M, BLOCK_N, warps, stages):
+    - head dim <= 64: (32, 128, 8, 3); with a mask and dropout (16, 128, 8, 3), as 32 x 128
+      spills 44-88 B causal with GQA (with 4 warps it spills 344-480 B causal);
+    - <= 128: (16, 128, 8, 2) without mask or dropout (32 x 128 spills 256 B causal with GQA);
+      with a mask or dropout (16, 32, 4, 1): 16 x 64 with 8 warps spills 12-248 B (52 B with
+      dropout alone), 16 x 32 with 2 stages 36 B, 32 x 128 up to 1072 B (bool mask,
+      dropout, causal, GQA);
+    - <= 256: (16, 16, 4, 2), 1 stage with a mask or dropout (16 x 32 with 1 stage spills
+      144-676 B causal; 16 x 16 with 2 stages 196-284 B with a mask and dropout, 48 B with
+      dropout alone on Triton 3.6).
+    4- and 8-byte types: `_wide_dkdv_config`. Blocks are pruned to the extents as in
     `attention_config`; a BLOCK_N under 64 uses 4 warps.
     """
-    bm, bn, warps, stages = _by_head_dim(key.D, (32, 128, 8, 3), (32, 128, 8, 2), (16, 32, 4, 1))
-    bm, bn = _prune(bm, key.L), _prune(_narrow(bn, ITEMSIZE[key.dtype]), key.S)
+    masked = key.mask != "none"
+    if ITEMSIZE[key.dtype] > 2:
+        bm, bn, warps, stages = _wide_dkdv_config(key)
+    elif key.D <= 64:
+        bm, bn, warps, stages = (16 if masked and key.dropout else 32), 128, 8, 3
+    elif key.D <= 128:
+        bm, bn, warps, stages = (16, 32, 4, 1) if masked or key.dropout else (16, 128, 8, 2)
+    else:
+        bm, bn, warps, stages = 16, 16, 4, (1 if masked or key.dropout else 2)
+    bm, bn = _prune(bm, key.L), _prune(bn, key.S)
     if bn < BWD_8_WARP_BLOCK:
         warps = 4
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -204,13 +268,24 @@ def attention_bwd_dq_config(key: AttentionDqKey) -> Config:
     registers), stepping BLOCK_N keys, twice (the first pass forms delta: the same tiles and
     scores, two row sums in place of the dQ accumulator).
 
-    The mirror of the dK/dV tiles (Triton FA2 tutorial: BLOCK_M2 = 128, BLOCK_N2 = 32):
-    head dim <= 64 (128, 32, 4 warps, 3 stages), <= 128 (128, 32, 8 warps, 2 stages),
-    <= 256 (64, 16, 8 warps, 2 stages); 4- and 8-byte types halve BLOCK_M for each doubling;
-    blocks pruned to the extents; a BLOCK_M under 64 uses 4 warps.
+    The mirror of the dK/dV tiles (Triton FA2 tutorial: BLOCK_M2 = 128, BLOCK_N2 = 32), moved
+    off the configs that spill compiled for sm90 (Triton 3.9 and 3.6, fp16 and bf16, as for
+    dK/dV, with the exact-delta pass and the mask gradient): head dim <= 64 (128, 32, 4 warps,
+    3 stages), 8 warps with dropout (4 spill 92-692 B with dropout, 8 use 162-211 registers);
+    <= 128 (128, 32, 8 warps, 2 stages); <= 256 (64, 16, 8 warps, 2 stages), with a mask or
+    dropout (32, 16, 4 warps, 2 stages), as 64 x 16 spills 24-360 B (8 warps) and 156-344 B
+    (4 warps). 4- and 8-byte types: `_wide_dq_config`. Blocks are pruned to the extents; a
+    BLOCK_M under 64 uses 4 warps.
     """
-    bm, bn, warps, stages = _by_head_dim(key.D, (128, 32, 4, 3), (128, 32, 8, 2), (64, 16, 8, 2))
-    bm, bn = _prune(_narrow(bm, ITEMSIZE[key.dtype]), key.L), _prune(bn, key.S)
+    if ITEMSIZE[key.dtype] > 2:
+        bm, bn, warps, stages = _wide_dq_config(key)
+    elif key.D <= 64:
+        bm, bn, warps, stages = 128, 32, (8 if key.dropout else 4), 3
+    elif key.D <= 128:
+        bm, bn, warps, stages = 128, 32, 8, 2
+    else:
+        bm, bn, warps, stages = (32, 16, 4, 2) if key.mask != "none" or key.dropout else (64, 16, 8, 2)
+    bm, bn = _prune(bm, key.L), _prune(bn, key.S)
     if bm < BWD_8_WARP_BLOCK:
         warps = 4
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -228,9 +303,13 @@ def attention_split_config(key: AttentionSplitKey) -> Config:
     16 to SPLIT_MAX_BLOCK_M: tl.dot needs 16), stepping BLOCK_N keys through a 3-stage
     pipeline of K and V (memory-bound: the tile is small, the stream of keys long), 4 warps;
     BLOCK_N 64 for 2-byte types up to head dim 128, 32 at 256, halved for each doubling of
-    the element size and pruned to S. Host parameter PROGRAMS_PER_SM: the split count is
-    chosen to give the GPU that many programs per SM (`split_count`)."""
+    the element size and pruned to S; float32 FLOAT32_TILES. Host parameter PROGRAMS_PER_SM:
+    the split count is chosen to give the GPU that many programs per SM (`split_count`)."""
     itemsize = ITEMSIZE[key.dtype]
+    if key.dtype == "float32":
+        bm, bn, warps, stages = _by_head_dim(key.D, *FLOAT32_TILES["split"])
+        return Config({"BLOCK_M": _prune(bm, key.rows), "BLOCK_N": _prune(bn, key.S)}, num_warps=warps,
+                      num_stages=stages, host={"PROGRAMS_PER_SM": SPLIT_PROGRAMS_PER_SM})
     bm = _prune(SPLIT_MAX_BLOCK_M, key.rows)
     bn = _prune(_narrow(64 if key.D <= 128 else 32, itemsize), key.S)
     return Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=3,
