@@ -339,3 +339,13 @@ def test_default_tiles_with_gqa_and_a_mask(device, monkeypatch, dtype):
     dkdv = (32, 16, 4, 2) if dtype == torch.float32 else (16, 32, 4, 1)
     assert _tile(chosen["dkdv"]) == dkdv
     assert _tile(chosen["dq"]) == ((16, 16, 4, 2) if dtype == torch.float32 else (64, 32, 8, 2))
+
+
+def test_forward_dropout_defaults_move_off_tiles_that_spill():
+    """With dropout, d64 steps 32 keys (128 x 64 on 8 warps spills 8-40 B on sm90) and d256
+    pipelines 2 stages (3 spill 16 B); without dropout the tiles stay."""
+    def cfg(D, dropout, mask="none"):
+        return attn_tuning.attention_config(attn_tuning.AttentionKey(D, True, "bfloat16", 4096, 4096, mask, dropout))
+    assert _tile(cfg(64, True)) == (64, 32, 4, 3) and _tile(cfg(64, True, "add")) == (64, 32, 4, 3)
+    assert _tile(cfg(64, False)) == (128, 128, 8, 3)
+    assert _tile(cfg(256, True)) == (32, 32, 4, 2) and _tile(cfg(256, False, "add")) == (32, 32, 4, 3)

@@ -162,7 +162,8 @@ def attention_config(key: AttentionKey) -> Config:
     next_pow2(L) and next_pow2(S) (at least 16), a tile under 128 x 64 uses 4 warps, and
     the tile halves (the wider of its sides) while its values per thread pass the budget
     (FWD_REGISTER_VALUES, FWD_MASKED_REGISTER_VALUES with a mask or dropout): with a mask or
-    dropout d64 128 x 64, d128 64 x 32, d256 32 x 32.
+    dropout d64 128 x 64, d128 64 x 32, d256 32 x 32; with dropout d64 64 x 32 and d256 on 2
+    stages, where the larger tiles still spill.
     """
     itemsize = ITEMSIZE[key.dtype]
     if key.dtype == "float32":
@@ -172,6 +173,15 @@ def attention_config(key: AttentionKey) -> Config:
     bm, bn, stages, warps = _by_head_dim(key.D, (128, 128, 3, 8), (128, 64, 3, 8), (64, 32, 3, 4))
     bm, bn = _prune(bm, key.L), _prune(_narrow(bn, itemsize), key.S)
     bn, stages = _fit_smem(bm, bn, key.D, itemsize, stages)
+    if key.dropout:
+        # Dropout's Philox bits per score, compiled for sm90 (Triton 3.9 and 3.6, bf16, GQA, a
+        # seed other than 1, which the JIT would fold): d64 128 x 64 with 8 warps spills 8-40 B
+        # (64 x 32, which the loop below makes of 128 x 32: 128-167 registers, clean); d256
+        # 32 x 32 with 3 stages 16 B (2 stages: 224-239 registers, clean).
+        if key.D <= 64:
+            bn = min(bn, 32)
+        elif key.D > 128:
+            stages = min(stages, 2)
     budget = _fwd_value_budget(key.mask != "none" or key.dropout)
     while True:
         if bm < 128 or bm * bn < FWD_8_WARP_TILE:
