@@ -291,15 +291,16 @@ def test_backward_defaults_shrink_where_sm90_spills(dtype):
         for dropout in (False, True):
             masked = mask != "none"
             # dK/dV: (BLOCK_M, BLOCK_N, warps, stages)
-            assert _tile(_default("dkdv", 64, dtype, mask, dropout)) == ((16 if masked and dropout else 32), 128, 8, 3)
-            assert _tile(_default("dkdv", 128, dtype, mask, dropout)) == (
-                (16, 32, 4, 1) if masked or dropout else (16, 128, 8, 2))
+            assert _tile(_default("dkdv", 64, dtype, mask, dropout)) == ((16 if dropout else 32), 128, 8, 3)
+            d128 = ((16, 16, 4, 1 if mask == "add" else 3) if dropout
+                    else (16, 32, 4, 1) if masked else (16, 128, 8, 2))
+            assert _tile(_default("dkdv", 128, dtype, mask, dropout)) == d128
             assert _tile(_default("dkdv", 256, dtype, mask, dropout)) == (16, 16, 4, 1 if masked or dropout else 2)
             # dQ
-            assert _tile(_default("dq", 64, dtype, mask, dropout)) == (128, 32, 8 if dropout else 4, 3)
+            assert _tile(_default("dq", 64, dtype, mask, dropout)) == (128, 32, 8 if dropout or masked else 4, 3)
             assert _tile(_default("dq", 128, dtype, mask, dropout)) == (128, 32, 8, 2)
             assert _tile(_default("dq", 256, dtype, mask, dropout)) == (
-                (32, 16, 4, 2) if masked or dropout else (64, 16, 8, 2))
+                (16, 16, 4, 2) if masked or dropout else (64, 16, 8, 2))
     # a short sequence prunes the blocks, and the warps follow BLOCK_N (dK/dV) or BLOCK_M (dQ)
     assert _tile(_default("dkdv", 128, dtype, L=32)) == (16, 32, 4, 2)
     assert _tile(_default("dq", 64, dtype, dropout=True, L=32)) == (32, 32, 4, 3)

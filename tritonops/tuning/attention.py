@@ -246,12 +246,15 @@ def attention_bwd_dkdv_config(key: AttentionKey) -> Config:
     group (H > HK) costs registers here: the program loops over the group's query heads at
     run time (with one head the JIT folds that loop), so each default is clean for H = 2 HK,
     the worst case. 16-bit (BLOCK_M, BLOCK_N, warps, stages):
-    - head dim <= 64: (32, 128, 8, 3); with a mask and dropout (16, 128, 8, 3), as 32 x 128
-      spills 44-88 B causal with GQA (with 4 warps it spills 344-480 B causal);
+    - head dim <= 64: (32, 128, 8, 3); with dropout (16, 128, 8, 3), as 32 x 128 spills
+      44-88 B causal with GQA and a mask, 112 B without one on Triton 3.6 (with 4 warps it
+      spills 344-480 B causal);
     - <= 128: (16, 128, 8, 2) without mask or dropout (32 x 128 spills 256 B causal with GQA);
-      with a mask or dropout (16, 32, 4, 1): 16 x 64 with 8 warps spills 12-248 B (52 B with
-      dropout alone), 16 x 32 with 2 stages 36 B, 32 x 128 up to 1072 B (bool mask,
-      dropout, causal, GQA);
+      with a mask (16, 32, 4, 1): 16 x 64 with 8 warps spills 12-248 B (52 B with dropout
+      alone), 16 x 32 with 2 stages 36 B, 32 x 128 up to 1072 B (bool mask, dropout, causal,
+      GQA); with dropout (16, 16, 4, 3), 1 stage with an additive mask (16 x 32 with 1 stage
+      spills 40 B with a mask on Triton 3.6; 16 x 16 with 3 stages 24 B with an additive mask
+      there, with 1 stage 12 B without one);
     - <= 256: (16, 16, 4, 2), 1 stage with a mask or dropout (16 x 32 with 1 stage spills
       144-676 B causal; 16 x 16 with 2 stages 196-284 B with a mask and dropout, 48 B with
       dropout alone on Triton 3.6).
@@ -262,9 +265,12 @@ def attention_bwd_dkdv_config(key: AttentionKey) -> Config:
     if ITEMSIZE[key.dtype] > 2:
         bm, bn, warps, stages = _wide_dkdv_config(key)
     elif key.D <= 64:
-        bm, bn, warps, stages = (16 if masked and key.dropout else 32), 128, 8, 3
+        bm, bn, warps, stages = (16 if key.dropout else 32), 128, 8, 3
     elif key.D <= 128:
-        bm, bn, warps, stages = (16, 32, 4, 1) if masked or key.dropout else (16, 128, 8, 2)
+        if key.dropout:  # 16 x 32 with 1 stage spills 40 B with a mask and dropout on Triton 3.6
+            bm, bn, warps, stages = (16, 16, 4, 1) if key.mask == "add" else (16, 16, 4, 3)
+        else:
+            bm, bn, warps, stages = (16, 32, 4, 1) if masked else (16, 128, 8, 2)
     else:
         bm, bn, warps, stages = 16, 16, 4, (1 if masked or key.dropout else 2)
     bm, bn = _prune(bm, key.L), _prune(bn, key.S)
@@ -281,20 +287,21 @@ def attention_bwd_dq_config(key: AttentionDqKey) -> Config:
     The mirror of the dK/dV tiles (Triton FA2 tutorial: BLOCK_M2 = 128, BLOCK_N2 = 32), moved
     off the configs that spill compiled for sm90 (Triton 3.9 and 3.6, fp16 and bf16, as for
     dK/dV, with the exact-delta pass and the mask gradient): head dim <= 64 (128, 32, 4 warps,
-    3 stages), 8 warps with dropout (4 spill 92-692 B with dropout, 8 use 162-211 registers);
+    3 stages), 8 warps with dropout or a mask (4 spill 92-692 B with dropout, 160 B with an
+    additive mask on Triton 3.6; 8 use 162-211 registers);
     <= 128 (128, 32, 8 warps, 2 stages); <= 256 (64, 16, 8 warps, 2 stages), with a mask or
-    dropout (32, 16, 4 warps, 2 stages), as 64 x 16 spills 24-360 B (8 warps) and 156-344 B
-    (4 warps). 4- and 8-byte types: `_wide_dq_config`. Blocks are pruned to the extents; a
+    dropout (16, 16, 4 warps, 2 stages: 156-168 registers), as 64 x 16 spills 24-360 B
+    (8 warps) and 156-344 B (4 warps), 32 x 16 16-80 B in some cases. 4- and 8-byte types: `_wide_dq_config`. Blocks are pruned to the extents; a
     BLOCK_M under 64 uses 4 warps.
     """
     if ITEMSIZE[key.dtype] > 2:
         bm, bn, warps, stages = _wide_dq_config(key)
     elif key.D <= 64:
-        bm, bn, warps, stages = 128, 32, (8 if key.dropout else 4), 3
+        bm, bn, warps, stages = 128, 32, (8 if key.dropout or key.mask != "none" else 4), 3
     elif key.D <= 128:
         bm, bn, warps, stages = 128, 32, 8, 2
     else:
-        bm, bn, warps, stages = (32, 16, 4, 2) if key.mask != "none" or key.dropout else (64, 16, 8, 2)
+        bm, bn, warps, stages = (16, 16, 4, 2) if key.mask != "none" or key.dropout else (64, 16, 8, 2)
     bm, bn = _prune(bm, key.L), _prune(bn, key.S)
     if bm < BWD_8_WARP_BLOCK:
         warps = 4
