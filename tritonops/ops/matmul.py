@@ -89,14 +89,14 @@ TMA_DTYPES = (torch.float16, torch.bfloat16)
 TMA_ALIGN = 16  # bytes: a tensor descriptor's base address and strides
 
 
-def _descriptor_layout(t: torch.Tensor, inner_major: bool) -> tuple[bool, int] | None:
+def _descriptor_layout(t: torch.Tensor) -> tuple[bool, int] | None:
     """(whether t (rows, cols) has the unit stride on cols, its other stride) for a 2-D
-    descriptor, or None: a unit stride on one dim, the other stride 16-byte aligned. With
-    `inner_major` the cols layout is tried first (a dim of size 1 has either)."""
+    descriptor, or None: a unit stride on one dim, the other stride 16-byte aligned. The cols
+    layout is tried first (a dim of size 1 has either)."""
     rows, cols = t.shape
     itemsize = t.element_size()
     layouts = [(True, t.stride(1) == 1 or cols == 1, t.stride(0)), (False, t.stride(0) == 1 or rows == 1, t.stride(1))]
-    for major, unit, other in (layouts if inner_major else layouts[::-1]):
+    for major, unit, other in layouts:
         if unit and other > 0 and other * itemsize % TMA_ALIGN == 0:
             return major, other
     return None
@@ -115,8 +115,8 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tenso
         return None
     if z is not None and z.stride() != c.stride():
         return None
-    out = _descriptor_layout(c[0], True)
-    la, lb = _descriptor_layout(a[0], True), _descriptor_layout(b[0].t(), True)
+    out = _descriptor_layout(c[0])
+    la, lb = _descriptor_layout(a[0]), _descriptor_layout(b[0].t())
     if out is None or not out[0] or la is None or lb is None:
         return None
     return la, lb
