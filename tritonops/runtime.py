@@ -77,6 +77,23 @@ def _sm_count(index: int) -> int:
     return device_properties(index)["multiprocessor_count"]
 
 
+# Bytes a tensor descriptor's base address and non-unit strides must be multiples of (TMA).
+TMA_ALIGN = 16
+
+
+def supports_tma(device: torch.device) -> bool:
+    """Whether launches on `device` may use tensor descriptors: a Hopper or newer NVIDIA GPU;
+    off a GPU (the interpreter, or compiling for sm90 without one) the layout alone decides."""
+    if device.type != "cuda" or INTERPRETER:
+        return True
+    return _supports_tma(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_tma(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 

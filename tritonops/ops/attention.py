@@ -33,7 +33,6 @@ the op is the custom op tritonops::attention, its backward tritonops::attention_
 so torch.compile keeps both in one graph.
 """
 
-import functools
 import math
 import os
 from typing import NamedTuple
@@ -112,19 +111,6 @@ def _scales(scale: float | None, E: int) -> tuple[float, float]:
 DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_tma(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def _device_has_tma(device: torch.device) -> bool:
-    """Whether launches on `device` may use tensor descriptors: a Hopper or newer NVIDIA GPU;
-    off a GPU (the interpreter, or compiling for sm90 without one) the layout alone decides."""
-    if device.type != "cuda" or runtime.INTERPRETER:
-        return True
-    return _has_tma(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _descriptor_layout(t: torch.Tensor) -> bool:
     """A (Z, heads, n, d) operand a tensor descriptor can read one head of: unit stride along d,
     a 16-byte aligned row stride and base address of every head (data pointer and batch and
@@ -132,10 +118,10 @@ def _descriptor_layout(t: torch.Tensor) -> bool:
     itemsize = t.element_size()
     if t.dtype not in DESCRIPTOR_DTYPES or min(t.shape[2:]) < 1 or t.stride(3) != 1:
         return False
-    if t.stride(2) <= 0 or (t.stride(2) * itemsize) % 16:
+    if t.stride(2) <= 0 or (t.stride(2) * itemsize) % runtime.TMA_ALIGN:
         return False
     heads = [t.stride(d) for d in (0, 1) if t.shape[d] > 1]
-    return t.data_ptr() % 16 == 0 and all((st * itemsize) % 16 == 0 for st in heads)
+    return t.data_ptr() % runtime.TMA_ALIGN == 0 and all((st * itemsize) % runtime.TMA_ALIGN == 0 for st in heads)
 
 
 class ForwardPlan(NamedTuple):
@@ -191,8 +177,8 @@ def attention_fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     mask_kind = _mask_args(mask, q)[2]
     cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0))
     # the output is new and contiguous: its rows are aligned where Ev's bytes are
-    tma = (mask is None and not dropout_p > 0 and _device_has_tma(q.device) and all(_descriptor_layout(t) for t in (q, k, v))
-           and (EV * q.element_size()) % 16 == 0)
+    tma = (mask is None and not dropout_p > 0 and runtime.supports_tma(q.device)
+           and all(_descriptor_layout(t) for t in (q, k, v)) and (EV * q.element_size()) % runtime.TMA_ALIGN == 0)
     return ForwardPlan("tma" if tma else "pointer", cfg, 1)
 
 

@@ -86,7 +86,6 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
 
 
 TMA_DTYPES = (torch.float16, torch.bfloat16)
-TMA_ALIGN = 16  # bytes: a tensor descriptor's base address and strides
 
 
 def _descriptor_layout(t: torch.Tensor) -> tuple[bool, int] | None:
@@ -97,7 +96,7 @@ def _descriptor_layout(t: torch.Tensor) -> tuple[bool, int] | None:
     itemsize = t.element_size()
     layouts = [(True, t.stride(1) == 1 or cols == 1, t.stride(0)), (False, t.stride(0) == 1 or rows == 1, t.stride(1))]
     for major, unit, other in layouts:
-        if unit and other > 0 and other * itemsize % TMA_ALIGN == 0:
+        if unit and other > 0 and other * itemsize % runtime.TMA_ALIGN == 0:
             return major, other
     return None
 
@@ -106,12 +105,14 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tenso
                ) -> tuple[tuple[bool, int], tuple[bool, int]] | None:
     """How the descriptor kernel reads a (1, M, K) and b (1, K, N) and writes c (and z):
     ((A K-major, its other stride), (B K-major, its other stride)), or None where it cannot
-    (more than one batch, not fp16 / bf16, K = 0, or a layout TMA refuses: c and z need a unit
+    (a GPU without TMA, more than one batch, not fp16 / bf16, K = 0, or a layout TMA refuses: c and z need a unit
     column stride, every base address and other stride 16-byte alignment). The pointer kernel
     takes those."""
     if a.shape[0] != 1 or a.dtype not in TMA_DTYPES or a.shape[2] == 0:  # K = 0: no descriptor of a 0-wide dim
         return None
-    if any(t.data_ptr() % TMA_ALIGN for t in (a, b, c) + ((z,) if z is not None else ())):
+    if not runtime.supports_tma(a.device):
+        return None
+    if any(t.data_ptr() % runtime.TMA_ALIGN for t in (a, b, c) + ((z,) if z is not None else ())):
         return None
     if z is not None and z.stride() != c.stride():
         return None
