@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,8 +60,13 @@ def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
     return list(jobs)
 
 
+# a row of the table for a key that --op-seconds left untuned
+CAPPED = "capped"
+
+
 def _tune_jobs(jobs, args, device: int | None = None):
-    """Tune (kernel, key) jobs in this process; returns [(kernel, key, entry)]."""
+    """Tune (kernel, key, group) jobs in this process; returns [(kernel, key, entry)], the entry
+    CAPPED for a key not started because its group (op) had used its --op-seconds."""
     from tqdm import tqdm
 
     from .registry import TUNERS
@@ -68,11 +74,20 @@ def _tune_jobs(jobs, args, device: int | None = None):
     if device is not None:
         torch.cuda.set_device(device)
     rows = []
+    started: dict[str, float] = {}  # group -> when its first key began
     bar = tqdm(total=len(jobs), desc="tuning" if device is None else f"tuning on cuda:{device}", unit="key",
                disable=args.quiet or None, position=device or 0)
-    for kernel, key in jobs:
+    for kernel, key, group in jobs:
+        seconds = args.seconds
+        if args.op_seconds is not None:
+            left = args.op_seconds - (time.monotonic() - started.setdefault(group, time.monotonic()))
+            if left <= 0:
+                bar.update(1)
+                rows.append((kernel, key, CAPPED))
+                continue
+            seconds = left if seconds is None else min(seconds, left)
         bar.set_postfix_str(f"{kernel} {key}")
-        entry = TUNERS[kernel].tune(key, strategy=args.strategy, max_evals=args.budget, max_seconds=args.seconds)
+        entry = TUNERS[kernel].tune(key, strategy=args.strategy, max_evals=args.budget, max_seconds=seconds)
         bar.update(1)
         rows.append((kernel, key, entry))
     bar.close()
@@ -108,6 +123,10 @@ def _tune_on_devices(jobs, args):
 def cmd_tune(args, registry, cache) -> int:
     from .device import device_fingerprint, gpu_available
 
+    if args.op_seconds is not None and not args.op_seconds > 0:
+        print(f"autotune: --op-seconds must be a positive number of seconds, not {args.op_seconds:g}",
+              file=sys.stderr)
+        return 2
     # tuning is for keeping: refuse before any timing when the winners could not be stored
     cache.check_writable()
 
@@ -121,7 +140,7 @@ def cmd_tune(args, registry, cache) -> int:
                   file=sys.stderr)
             return 2
         try:
-            jobs = _jobs_from_trace(args.from_trace)
+            jobs = [(kernel, key, kernel) for kernel, key in _jobs_from_trace(args.from_trace)]
         except OSError as e:
             print(f"autotune: {e}", file=sys.stderr)
             return 2
@@ -154,18 +173,26 @@ def cmd_tune(args, registry, cache) -> int:
                     except ValueError as e:
                         print(f"autotune: {name}: {e}", file=sys.stderr)
                         return 2
-                    jobs += [(tuner.name, key) for tuner, key in pairs]
-    jobs = list(dict.fromkeys(jobs))
+                    jobs += [(tuner.name, key, name) for tuner, key in pairs]
+    # a key two ops share (matmul's and linear's) is tuned once, in the first op's time
+    first_group: dict = {}
+    for kernel, key, group in jobs:
+        first_group.setdefault((kernel, key), group)
+    jobs = [(kernel, key, group) for (kernel, key), group in first_group.items()]
     rows = _tune_on_devices(jobs, args) if args.devices else _tune_jobs(jobs, args)
     _print_table(rows)
+    capped = sum(e is CAPPED for _, _, e in rows)
+    if capped:
+        print(f"{capped} of {len(rows)} keys not tuned: their op had used its --op-seconds {args.op_seconds:g}")
     return 0 if all(e is not None for _, _, e in rows) else 1
 
 
 def _print_table(rows) -> None:
     print(f"\n{'kernel':14s} {'key':44s} {'winner':52s} {'ms':>9s} {'vs default':>10s} {'evals':>5s}")
     for kernel, key, entry in rows:
-        if entry is None:
-            print(f"{kernel:14s} {str(tuple(key)):44s} {'(no config ran)':52s}")
+        if entry is None or entry is CAPPED:
+            why = "(no config ran)" if entry is None else "(not tuned: --op-seconds)"
+            print(f"{kernel:14s} {str(tuple(key)):44s} {why:52s}")
             continue
         win = _config_text(entry["winner"])
         ms = entry["timing"]["p50"]
@@ -241,6 +268,9 @@ def build_parser(registry) -> argparse.ArgumentParser:
     t.add_argument("--budget", type=int, help="at most this many configs timed per key (default: the "
                                               "strategy's own, 50 for bayes and ils)")
     t.add_argument("--seconds", type=float, help="at most this many seconds per key")
+    t.add_argument("--op-seconds", type=float,
+                   help="at most this many seconds for all of an op's keys (of a trace: a kernel's): a key "
+                        "is searched for what is left of it, and keys after it is spent are not tuned")
     t.add_argument("--from-trace", metavar="FILE",
                    help=f"tune the (kernel, key) pairs of a trace FILE, which a run writes when "
                         f"{settings.describe('record')} names it")

@@ -392,6 +392,48 @@ def test_cli_bad_arguments(tmp_path, monkeypatch, capsys, args, message):
     assert message in out.err + out.out + str(code)
 
 
+class _ClockedTuner:
+    """Stands in for a registered tuner: each key's search takes 10 s of a fake clock."""
+
+    name = "clocked"
+
+    def __init__(self, clock):
+        self.clock, self.calls = clock, []
+
+    def tune(self, key, strategy=None, max_evals=None, max_seconds=None):
+        self.calls.append((key, max_seconds))
+        self.clock[0] += 10.0
+        return {"winner": {"BLOCK": 16}, "timing": {"p50": 1.0}, "provenance": {"evaluations": 1}}
+
+
+def test_cli_op_seconds_caps_each_op(tmp_path, monkeypatch, capsys):
+    """--op-seconds: a key is searched for what is left of its op's time, later keys are not
+    tuned (and said so), the next op has its own time, and a key two ops share is tuned once."""
+    from autotune import cli, registry
+    from autotune.registry import TunableOp
+
+    clock = [100.0]
+    tuner = _ClockedTuner(clock)
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setitem(registry.TUNERS, tuner.name, tuner)
+    keys = lambda shape, dtype: [(tuner, shape)]  # noqa: E731
+    monkeypatch.setitem(registry.REGISTRY, "op_a", TunableOp("op_a", "N", keys, dtypes=("float32",)))
+    monkeypatch.setitem(registry.REGISTRY, "op_b", TunableOp("op_b", "N", keys, dtypes=("float32",)))
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
+    assert cli.main(["tune", "op_a", "--shapes", "1,2,3", "--op-seconds", "15", "--quiet"]) == 0
+    assert tuner.calls == [((1,), 15.0), ((2,), 5.0)]
+    out = capsys.readouterr().out
+    assert out.count("(not tuned: --op-seconds)") == 1 and "1 of 3 keys not tuned" in out
+    tuner.calls.clear()
+    assert cli.main(["tune", "op_a", "op_b", "--shapes", "1,4", "--op-seconds", "25", "--seconds", "12",
+                     "--quiet"]) == 0
+    # op_a: (1,) and (4,) with 12 s each (the per-key cap is the smaller); op_b shares both keys
+    assert tuner.calls == [((1,), 12.0), ((4,), 12.0)]
+    capsys.readouterr()
+    assert cli.main(["tune", "op_a", "--shapes", "1", "--op-seconds", "0"]) == 2
+    assert "--op-seconds must be a positive" in capsys.readouterr().err
+
+
 def test_import_keeps_the_faster_entry(tmp_path):
     fast, slow = make_tuner(tmp_path / "a"), make_tuner(tmp_path / "b", CountingTimer(lambda c: 5.0))
     fast.tune((5,))
