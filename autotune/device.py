@@ -71,11 +71,15 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def device_slug(name: str) -> str:
+    """A device name as a plain lowercase name, e.g. 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    text = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in text.split("-") if p)
+
+
 def device_fingerprint(device_index: int | None = None) -> str:
     """GPU name, compute capability and Triton major.minor, e.g. 'nvidia-h100-80gb-hbm3-sm90-triton3.6'."""
     props = device_properties(device_index)
-    name = "".join(c if c.isalnum() else "-" for c in props["name"].lower())
-    name = "-".join(p for p in name.split("-") if p)
     major, minor = props["capability"]
     tmajor, tminor = triton_version()
-    return f"{name}-sm{major}{minor}-triton{tmajor}.{tminor}"
+    return f"{device_slug(props['name'])}-sm{major}{minor}-triton{tmajor}.{tminor}"

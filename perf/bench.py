@@ -116,7 +116,7 @@ def measure_ceilings(gpu: bool, timer: Timer, preset: str) -> dict:
         del src, dst
     except Exception as e:  # noqa: BLE001
         out["details"]["copy"] = {"error": _err(e)}
-    n = 8192
+    n = cases.SQUARE_8192["M"]
     for dtype in ("float16", "bfloat16"):
         try:
             dt = getattr(torch, dtype)
@@ -580,8 +580,9 @@ def run(args, gpu: bool, timer: Timer, cache_dir: str, argv: list) -> int:
     if args.out:
         out = Path(args.out)
     elif gpu:
-        out = HERE / "results" / "-".join(filter(None, "".join(
-            c if c.isalnum() else "-" for c in info["name"].lower()).split("-"))) / f"results-{args.preset}.json"
+        from autotune.device import device_slug
+
+        out = HERE / "results" / device_slug(info["name"]) / f"results-{args.preset}.json"
     else:  # interpreter numbers do not belong in the repository
         out = Path(tempfile.gettempdir()) / "tritonops-bench-smoke.json"
     t_start = time.perf_counter()

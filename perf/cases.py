@@ -31,6 +31,7 @@ PRESET_DTYPES = {"smoke": ("bfloat16",), "quick": ("bfloat16",), "full": ("float
 
 LLM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
 LLM_M = (1, 16, 64, 128, 1024, 4096, 8192)  # 1-64: decode shapes (split K)
+SQUARE_8192 = {"M": 8192, "N": 8192, "K": 8192}  # the problem the matmul ceiling is measured on
 ROW_COLS_FULL = tuple(256 << i for i in range(11))  # 256 .. 262144
 QUICK_COLS = (2048, 32768, 65536)  # a few rows per program / the whole row in one pass / a loop over it
 DECODE_KEYS = (8192, 32768)  # keys a single query row attends to in the decode benchmark
@@ -248,8 +249,8 @@ def _add(spec: OpSpec) -> None:
 _add(OpSpec(
     "matmul", "tritonops.ops.matmul", "matmul", "TFLOP/s", x="M", group=("N", "K"),
     shapes={"smoke": [{"M": m, "N": 48, "K": 32} for m in (16, 64)],
-            "quick": [{"M": m, "N": 4096, "K": 4096} for m in (1, 16, 64, 1024, 8192)],
-            "full": [{"M": m, "N": n, "K": k} for n, k in LLM_NK for m in LLM_M]},
+            "quick": [{"M": m, "N": 4096, "K": 4096} for m in (1, 16, 64, 1024, 8192)] + [SQUARE_8192],
+            "full": [{"M": m, "N": n, "K": k} for n, k in LLM_NK for m in LLM_M] + [SQUARE_8192]},
     inputs=_matmul_inputs, ours=lambda fn, s: fn, torch_fn=lambda s: (lambda a, b: torch.matmul(a, b)),
     work=matmul_flops))
 

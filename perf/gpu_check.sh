@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# One-shot GPU check: the test suite on the GPU, the quick benchmark, its report.
+# One-shot GPU check: the test suite on the GPU, tuning of the LLM preset exported as one bundle,
+# the quick benchmark with its ceilings, the report.
 #
-#   perf/gpu_check.sh OUTDIR          (on the GPU machine; ends within 8 minutes)
+#   perf/gpu_check.sh OUTDIR          (on the GPU machine; ends within 8.5 minutes)
 #
 # For the device tool:  run(command="bash perf/gpu_check.sh $OUT", timeout_s=540)
+# Then, here:           python3 -m perf.publish <the files that came back>
 #
-# No installs, no network: the machine's python3 (torch, triton, matplotlib, pytest-timeout).
-# Each step runs under its own `timeout`, and all of them within $GPU_CHECK_SECONDS (465 s), so
+# No installs, no network: the machine's python3 (torch, triton, matplotlib, pytest-timeout, filelock, tqdm).
+# Each step runs under its own `timeout`, and all of them within $GPU_CHECK_SECONDS (510 s), so
 # a slow step costs the later ones time but never the files the earlier ones wrote.
 #
 # OUTDIR stays flat and holds at most 8 files (what the device tool brings back):
 #   env.txt        date, git commit, nvidia-smi, python/torch/cuda/cudnn/triton versions
-#   tests.log      step 1: python -m pytest -q tests -x --timeout 120          (cap 165 s)
-#   bench.log      step 2: python -m perf.bench --preset quick (+ replay), step 3's output too (cap 230 s)
-#   results.json   step 2's results, rewritten after every op: a kill keeps the ops done
-#   report.md      step 3: the report's text                                     (cap 40 s)
-#   report.tar.gz  step 3: report.md and all PNGs (one per op/mode/dtype, speedup.png, replay.png)
 #   status.txt     each step's exit code, seconds and cap (124/137: timed out)
-#   (.results.json.tmp only if step 2 was killed in the middle of a write)
+#   tests.log      step 1: python -m pytest -q tests -x --timeout 120                       (cap 120 s)
+#   tune.log       step 2: autotune tune <op> --preset llm, default strategy, per-op cap; exports  (cap 175 s)
+#   tuned.json     the tuned configs as one `autotune export` bundle: step 2's, then step 3's added
+#   bench.log      step 3: python -m perf.bench --preset quick (+ replay), step 4's output too
+#   results.json   step 3's results, rewritten after every op: a kill keeps the ops done
+#   report.tar.gz  step 4: report/report.md and its PNGs (one per op/mode/dtype, speedup.png, replay.png)
+#
+# Knobs (environment), for a dry run without a GPU and for a rerun that needs less:
+#   GPU_CHECK_TESTS          pytest targets                      (tests)
+#   GPU_CHECK_TUNE_OPS       ops tuned, in order                 (matmul linear attention softmax layer_norm rms_norm)
+#   GPU_CHECK_TUNE_PRESET    their shape preset                  (llm)
+#   GPU_CHECK_TUNE_DTYPES    their dtypes                        (bfloat16)
+#   GPU_CHECK_TUNE_OP_SECONDS  each op's cap; GPU_CHECK_TUNE_KEY_SECONDS, GPU_CHECK_TUNE_BUDGET each key's (22, 10, 20)
+#   GPU_CHECK_PRESET, GPU_CHECK_BENCH_OPS  the benchmark's preset and ops (quick, all)
+# Dry run here:  GPU_CHECK_TESTS=tests/test_perf.py GPU_CHECK_PRESET=smoke GPU_CHECK_TUNE_PRESET=smoke \
+#                bash perf/gpu_check.sh /tmp/gpu-check
 set -u
 OUTDIR=${1:?usage: perf/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -29,13 +41,20 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 WORK=$(mktemp -d)
-# the tests' and the quick preset's capped tuning go to a scratch cache, never to a real one
-export AUTOTUNE_CACHE_DIR=$WORK/tune-cache
+trap 'rm -rf "$WORK"' EXIT
+# what is tuned here goes to a scratch cache, never to a real one; the bundle carries it out
+TUNE_CACHE=$WORK/tune-cache
 PY=${PYTHON:-python3}
-# overridable for a dry run without a GPU: GPU_CHECK_TESTS=tests/test_perf.py GPU_CHECK_PRESET=smoke
 TESTS=${GPU_CHECK_TESTS:-tests}
+TUNE_OPS=${GPU_CHECK_TUNE_OPS:-matmul linear attention softmax layer_norm rms_norm}
+TUNE_PRESET=${GPU_CHECK_TUNE_PRESET:-llm}
+TUNE_DTYPES=${GPU_CHECK_TUNE_DTYPES:-bfloat16}
+TUNE_OP_SECONDS=${GPU_CHECK_TUNE_OP_SECONDS:-22}
+TUNE_KEY_SECONDS=${GPU_CHECK_TUNE_KEY_SECONDS:-10}
+TUNE_BUDGET=${GPU_CHECK_TUNE_BUDGET:-20}
 PRESET=${GPU_CHECK_PRESET:-quick}
-TOTAL=${GPU_CHECK_SECONDS:-465}
+BENCH_OPS=${GPU_CHECK_BENCH_OPS:-all}
+TOTAL=${GPU_CHECK_SECONDS:-510}
 START=$SECONDS
 : >"$OUTDIR/status.txt"
 
@@ -62,6 +81,15 @@ step() {
   return 0
 }
 
+# export: every tuned config of this device as one bundle, written beside and moved into OUTDIR,
+# so a kill never leaves half a bundle there
+export_bundle() {
+  local t0=$SECONDS
+  AUTOTUNE_CACHE_DIR=$TUNE_CACHE timeout -k 5 30 "$PY" -m autotune export "$WORK/tuned.json" \
+    >>"$OUTDIR/tune.log" 2>&1 && chmod 644 "$WORK/tuned.json" && mv -f "$WORK/tuned.json" "$OUTDIR/tuned.json"
+  echo "export: rc=$? seconds=$((SECONDS - t0))" | tee -a "$OUTDIR/status.txt"
+}
+
 # 0. environment
 timeout 30 bash -c '
   date -u
@@ -75,27 +103,37 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", tor
 print(\"triton\", triton.__version__)
 print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"NO CUDA DEVICE\")
 "
+  echo "tuning: ops '"$TUNE_OPS"', preset '"$TUNE_PRESET"', dtypes '"$TUNE_DTYPES"', '"$TUNE_OP_SECONDS"' s per op, '"$TUNE_KEY_SECONDS"' s and '"$TUNE_BUDGET"' configs per key"
 ' >"$OUTDIR/env.txt" 2>&1
 echo "env: rc=$? seconds=$((SECONDS - START))" | tee -a "$OUTDIR/status.txt"
 
-# 1. the test suite on the GPU
-step tests 165 "$OUTDIR/tests.log" \
+# 1. the test suite on the GPU, its tuning in a cache of its own
+AUTOTUNE_CACHE_DIR=$WORK/test-cache step tests 120 "$OUTDIR/tests.log" \
   "$PY" -m pytest -q $TESTS -x --timeout 120 -p no:cacheprovider --durations=15
 
-# 2. the quick benchmark; its own budget ends it ~30 s before the cap, which stays as a backstop
-budget=$(($(left) - 75))
+# 2. tuning, the default strategy, each op within its cap; then the bundle
+tune_cap=$(($(left) - 240))  # leaves the benchmark and the report their time
+((tune_cap > 175)) && tune_cap=175
+AUTOTUNE_CACHE_DIR=$TUNE_CACHE step tune "$tune_cap" "$OUTDIR/tune.log" \
+  "$PY" -m autotune tune $TUNE_OPS --preset "$TUNE_PRESET" --dtype "$TUNE_DTYPES" \
+  --op-seconds "$TUNE_OP_SECONDS" --seconds "$TUNE_KEY_SECONDS" --budget "$TUNE_BUDGET" --quiet
+export_bundle
+
+# 3. the quick benchmark, reading the configs tuned above (the cases it tunes itself join them);
+# its own budget ends it before the cap, which stays as a backstop
+budget=$(($(left) - 80))
 ((budget > 200)) && budget=200
 ((budget < 10)) && budget=10
-step bench 230 "$OUTDIR/bench.log" \
-  "$PY" -m perf.bench --preset "$PRESET" --time-budget "$budget" --replay 16 --out "$OUTDIR/results.json"
+AUTOTUNE_CACHE_DIR=$TUNE_CACHE step bench $((budget + 30)) "$OUTDIR/bench.log" \
+  "$PY" -m perf.bench --preset "$PRESET" --ops "$BENCH_OPS" --time-budget "$budget" --replay 16 \
+  --out "$OUTDIR/results.json"
+rm -f "$OUTDIR/.results.json.tmp"  # left only by a kill in the middle of a write
+export_bundle
 
-# 3. the report: plots packed into one archive, report.md beside it
+# 4. the report: report.md and the plots in one archive
 if [ -s "$OUTDIR/results.json" ]; then
   step report 40 "$OUTDIR/bench.log" "$PY" -m perf.report "$OUTDIR/results.json" -o "$WORK/report"
-  if [ -d "$WORK/report" ]; then
-    cp "$WORK/report/report.md" "$OUTDIR/" 2>/dev/null
-    tar czf "$OUTDIR/report.tar.gz" -C "$WORK" report
-  fi
+  [ -d "$WORK/report" ] && tar czf "$OUTDIR/report.tar.gz" -C "$WORK" report
 else
   echo "report: skipped, no results.json" | tee -a "$OUTDIR/status.txt"
 fi
@@ -103,4 +141,3 @@ fi
 echo "=== gpu_check done in $((SECONDS - START)) s"
 cat "$OUTDIR/status.txt"
 ls -la "$OUTDIR"
-rm -rf "$WORK"

@@ -148,11 +148,12 @@ def test_presets_cover_every_op():
         for shape in spec.shapes["full"]:
             assert spec.x in shape and all(g in shape for g in spec.group)
     full_mm = cases.OPS["matmul"].shapes["full"]
-    assert len(full_mm) == 28 and {s["M"] for s in full_mm} == {1, 16, 64, 128, 1024, 4096, 8192}
+    assert len(full_mm) == 29 and {s["M"] for s in full_mm} == {1, 16, 64, 128, 1024, 4096, 8192}
     assert [s["cols"] for s in cases.OPS["softmax"].shapes["full"]][::10] == [256, 262144]
     # decode shapes, attention decode at 8K and 32K keys, 32K and 64K-column rows: quick and full
     for preset in ("quick", "full"):
         assert {1, 16, 64} <= {s["M"] for s in cases.OPS["matmul"].shapes[preset]}
+        assert {"M": 8192, "N": 8192, "K": 8192} in cases.OPS["matmul"].shapes[preset]  # the 780 TFLOP/s target's
         assert {16, 64} <= {s["M"] for s in cases.OPS["linear"].shapes[preset]}
         decode = cases.OPS["attention_decode"].shapes[preset]
         assert {s["S"] for s in decode} == {8192, 32768} and all(s["L"] == 1 for s in decode)

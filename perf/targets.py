@@ -1,0 +1,254 @@
+"""What a perf.bench results file says against the project's speed targets, and the table of
+ratios the README's Performance section shows. Reads JSON only: no torch, no plotting.
+
+    python3 -m perf.targets results.json            # the targets, then the table, as markdown
+
+Targets (provider "tritonops", the tuned one, against the baselines of the same run):
+    matmul        fp16/bf16: geometric-mean speed-up over torch.matmul >= 1.0 over the preset's
+                  shapes (each mode and dtype measured), and > 780 TFLOP/s forward at 8192^3.
+    rows          softmax, log_softmax, layer_norm, rms_norm, rows of 4096 columns or more: at
+                  least 90% of the measured copy bandwidth, and never slower than torch.compile.
+    attention     forward (attention, attention_decode): at least SDPA's flash backend at every
+                  shape (its median time at most flash's).
+
+A target is "met" when every shape it covers was measured and passes, "missed" when a measured
+shape fails, and "not measured" when nothing it covers has a time (errors, skips, a missing
+baseline or ceiling); a met target with shapes that have no time says how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .schema import NOT_PERF, SCHEMA, geomean
+
+OURS = "tritonops"
+MATMUL_TFLOPS_8192 = 780.0
+ROW_OPS = ("softmax", "log_softmax", "layer_norm", "rms_norm")
+ROW_MIN_COLS = 4096
+ROW_PCT_OF_COPY = 90.0
+ATTENTION_FWD_OPS = ("attention", "attention_decode")
+
+
+@dataclass
+class Target:
+    name: str          # e.g. "matmul fwd bfloat16: geomean vs torch >= 1.0"
+    status: str        # "met", "missed" or "not measured"
+    value: str         # the number the target is about, as text
+    detail: str = ""   # the worst shape, what was not measured
+    failing: list = field(default_factory=list)  # shape labels that miss it
+
+
+def _timed(row: dict | None) -> bool:
+    return row is not None and isinstance(row.get("p50"), (int, float)) and row["p50"] > 0
+
+
+def _shape_label(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def _groups(results: dict) -> dict[tuple, dict[str, dict[str, dict]]]:
+    """(op, mode, dtype) -> shape label -> provider -> row, in the file's order."""
+    out: dict = {}
+    for r in results.get("cases", []):
+        out.setdefault((r["op"], r["mode"], r["dtype"]), {}).setdefault(_shape_label(r["shape"]), {})[r["provider"]] = r
+    return out
+
+
+def _verdict(name: str, checked: list[tuple[str, bool]], untimed: int, value: str, detail: str) -> Target:
+    """checked: (shape label, passes) for every measured shape; untimed: shapes with no time."""
+    if not checked:
+        return Target(name, "not measured", value, detail)
+    failing = [label for label, ok in checked if not ok]
+    if untimed:
+        detail = (detail + "; " if detail else "") + f"{untimed} shape(s) not measured"
+    return Target(name, "missed" if failing else "met", value, detail, failing)
+
+
+def matmul_targets(results: dict) -> list[Target]:
+    out = []
+    for (op, mode, dtype), shapes in _groups(results).items():
+        if op != "matmul" or dtype not in ("float16", "bfloat16"):
+            continue
+        speedups = [(label, rows[OURS]["speedup_vs_torch"]) for label, rows in shapes.items()
+                    if _timed(rows.get(OURS)) and isinstance(rows[OURS].get("speedup_vs_torch"), (int, float))]
+        gm = geomean(v for _, v in speedups)
+        slower = [(label, v) for label, v in speedups if v < 1.0]
+        worst = min(speedups, key=lambda t: t[1], default=None)
+        name = f"matmul {mode} {dtype}: geomean vs torch.matmul >= 1.0"
+        value = f"{gm:.3f}x over {len(speedups)} shapes" if gm else "-"
+        detail = (f"{len(slower)} shape(s) below 1.0x, the slowest {worst[1]:.3f}x at {worst[0]}" if slower
+                  else f"every shape >= 1.0x, the lowest {worst[1]:.3f}x" if worst else "")
+        target = _verdict(name, [("the geomean", gm >= 1.0)] if gm else [], len(shapes) - len(speedups),
+                          value, detail)
+        target.failing = []  # the detail names the shapes
+        out.append(target)
+        if mode == "fwd":
+            big = shapes.get(_shape_label({"M": 8192, "N": 8192, "K": 8192}), {}).get(OURS)
+            name = f"matmul fwd {dtype} 8192^3: > {MATMUL_TFLOPS_8192:g} TFLOP/s"
+            if _timed(big):
+                tflops = big["metric"]["value"]
+                out.append(_verdict(name, [("M=8192 N=8192 K=8192", tflops > MATMUL_TFLOPS_8192)], 0,
+                                    f"{tflops:.0f} TFLOP/s", ""))
+            else:
+                out.append(Target(name, "not measured", "-", "no timed 8192^3 case"))
+    return out
+
+
+def row_targets(results: dict) -> list[Target]:
+    out = []
+    for (op, mode, dtype), shapes in _groups(results).items():
+        if op not in ROW_OPS:
+            continue
+        wide = {label: rows for label, rows in shapes.items()
+                if next(iter(rows.values()))["shape"].get("cols", 0) >= ROW_MIN_COLS}
+        if not wide:
+            continue
+        pct_checked, vs_checked, pct_untimed, vs_untimed = [], [], 0, 0
+        pcts, ratios = [], []
+        for label, rows in wide.items():
+            ours = rows.get(OURS)
+            pct = ours.get("pct_of_ceiling") if _timed(ours) else None
+            if isinstance(pct, (int, float)):
+                pct_checked.append((label, pct >= ROW_PCT_OF_COPY))
+                pcts.append((label, pct))
+            else:
+                pct_untimed += 1
+            compiled = rows.get("torch.compile")
+            if _timed(ours) and _timed(compiled):
+                ratio = compiled["p50"] / ours["p50"]  # > 1: ours faster
+                vs_checked.append((label, ratio >= 1.0))
+                ratios.append((label, ratio))
+            else:
+                vs_untimed += 1
+        worst_pct = min(pcts, key=lambda t: t[1], default=None)
+        out.append(_verdict(
+            f"{op} {mode} {dtype}, cols >= {ROW_MIN_COLS}: >= {ROW_PCT_OF_COPY:g}% of copy bandwidth", pct_checked,
+            pct_untimed, f"lowest {worst_pct[1]:.0f}%" if worst_pct else "-",
+            f"at {worst_pct[0]}" if worst_pct else ""))
+        worst = min(ratios, key=lambda t: t[1], default=None)
+        out.append(_verdict(
+            f"{op} {mode} {dtype}, cols >= {ROW_MIN_COLS}: never slower than torch.compile", vs_checked, vs_untimed,
+            f"lowest {worst[1]:.3f}x torch.compile" if worst else "-", f"at {worst[0]}" if worst else ""))
+    return out
+
+
+def attention_targets(results: dict) -> list[Target]:
+    out = []
+    for (op, mode, dtype), shapes in _groups(results).items():
+        if op not in ATTENTION_FWD_OPS or mode != "fwd":
+            continue
+        checked, ratios, untimed = [], [], 0
+        for label, rows in shapes.items():
+            ours, flash = rows.get(OURS), rows.get("sdpa-flash")
+            if _timed(ours) and _timed(flash):
+                ratio = flash["p50"] / ours["p50"]
+                checked.append((label, ratio >= 1.0))
+                ratios.append((label, ratio))
+            else:
+                untimed += 1
+        worst = min(ratios, key=lambda t: t[1], default=None)
+        out.append(_verdict(f"{op} fwd {dtype}: at least SDPA flash at every shape", checked, untimed,
+                            f"lowest {worst[1]:.3f}x flash" if worst else "-", f"at {worst[0]}" if worst else ""))
+    return out
+
+
+def evaluate(results: dict) -> list[Target]:
+    """Every target the results file has cases for, in the order above."""
+    if results.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} results file (schema={results.get('schema')!r})")
+    return matmul_targets(results) + row_targets(results) + attention_targets(results)
+
+
+# --------------------------------------------------------------------------- the README's table
+
+
+def _ratio_geomean(shapes: dict, other: str) -> float | None:
+    """Geomean over shapes of other's median time over ours (> 1: ours faster)."""
+    return geomean(rows[other]["p50"] / rows[OURS]["p50"] for rows in shapes.values()
+                   if _timed(rows.get(OURS)) and _timed(rows.get(other)))
+
+
+def performance_rows(results: dict) -> list[list[str]]:
+    """Per op, mode and dtype: shapes timed, geomean speed-up of ours over torch eager, over
+    torch.compile and over SDPA flash (attention), ours over our untuned defaults, and the
+    lowest and highest share of the measured ceiling."""
+    rows = []
+    for (op, mode, dtype), shapes in _groups(results).items():
+        cells = [op, mode, dtype]
+        timed = sum(_timed(r.get(OURS)) for r in shapes.values())
+        cells.append(f"{timed}/{len(shapes)}")
+        for other in ("torch", "torch.compile", "sdpa-flash", "tritonops-default"):
+            gm = _ratio_geomean(shapes, other)
+            cells.append(f"{gm:.2f}x" if gm else "-")
+        pcts = [r[OURS]["pct_of_ceiling"] for r in shapes.values()
+                if _timed(r.get(OURS)) and isinstance(r[OURS].get("pct_of_ceiling"), (int, float))]
+        cells.append(f"{min(pcts):.0f}-{max(pcts):.0f}%" if pcts else "-")
+        rows.append(cells)
+    return rows
+
+
+PERFORMANCE_HEADER = ["op", "mode", "dtype", "shapes timed", "vs torch", "vs torch.compile", "vs SDPA flash",
+                      "tuned vs default", "% of ceiling"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def targets_markdown(targets: list[Target]) -> list[str]:
+    rows = [[t.name, t.status, t.value, t.detail + (f"; misses at {', '.join(t.failing[:4])}"
+                                                    + (" ..." if len(t.failing) > 4 else "") if t.failing else "")]
+            for t in targets]
+    return markdown_table(["target", "status", "value", "where"], rows)
+
+
+def ceilings_line(results: dict) -> str:
+    c = results.get("ceilings") or {}
+    mm = c.get("matmul_tflops") or {}
+    copy = c.get("copy_GBps")
+    parts = [f"copy {copy:.0f} GB/s" if isinstance(copy, (int, float)) else "copy not measured"]
+    parts += [f"torch.matmul 8192^3 {k} {v:.0f} TFLOP/s" for k, v in mm.items() if isinstance(v, (int, float))]
+    return ", ".join(parts)
+
+
+def device_line(results: dict) -> str:
+    d, run = results.get("device") or {}, results.get("run") or {}
+    return (f"{d.get('name')} (cc {d.get('capability')}, {d.get('sm_count')} SMs, driver {d.get('driver')}), "
+            f"torch {d.get('torch')}, Triton {d.get('triton')}, CUDA {d.get('cuda')}, Python {d.get('python')}; "
+            f"preset {run.get('preset')}, {run.get('date') or d.get('date')}")
+
+
+def summary_markdown(results: dict) -> list[str]:
+    """The targets and the ratio table, with the device and the ceilings they were measured against."""
+    md = [] if (results.get("device") or {}).get("gpu") else [f"> **{NOT_PERF}**", ""]
+    md += [f"Measured on {device_line(results)}.", "", f"Ceilings measured in the same run: {ceilings_line(results)}.",
+          "", "Ratios are geometric means over the shapes of the other provider's median time over ours "
+          "(> 1: ours faster); ours is the tuned provider. % of ceiling: the lowest and highest over the shapes "
+          "(TFLOP/s against torch.matmul's 8192^3 rate, GB/s against the copy bandwidth).", ""]
+    md += markdown_table(PERFORMANCE_HEADER, performance_rows(results)) + [""]
+    md += ["Targets:", ""] + targets_markdown(evaluate(results)) + [""]
+    return md
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m perf.targets", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="a results JSON file from perf.bench")
+    args = p.parse_args(argv)
+    try:
+        results = json.loads(Path(args.results).read_text())
+        lines = summary_markdown(results)
+    except (OSError, ValueError) as e:
+        print(f"perf.targets: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
