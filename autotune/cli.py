@@ -60,7 +60,8 @@ def _jobs_from_trace(path: str) -> list[tuple[str, tuple]]:
     return list(jobs)
 
 
-# a row of the table for a key that --op-seconds left untuned
+# a row's entry for a key that --op-seconds left untuned; compared by value: rows come back
+# from worker processes (--devices) as copies
 CAPPED = "capped"
 
 
@@ -181,7 +182,7 @@ def cmd_tune(args, registry, cache) -> int:
     jobs = [(kernel, key, group) for (kernel, key), group in first_group.items()]
     rows = _tune_on_devices(jobs, args) if args.devices else _tune_jobs(jobs, args)
     _print_table(rows)
-    capped = sum(e is CAPPED for _, _, e in rows)
+    capped = sum(e == CAPPED for _, _, e in rows)
     if capped:
         print(f"{capped} of {len(rows)} keys not tuned: their op had used its --op-seconds {args.op_seconds:g}")
     return 0 if all(e is not None for _, _, e in rows) else 1
@@ -190,7 +191,7 @@ def cmd_tune(args, registry, cache) -> int:
 def _print_table(rows) -> None:
     print(f"\n{'kernel':14s} {'key':44s} {'winner':52s} {'ms':>9s} {'vs default':>10s} {'evals':>5s}")
     for kernel, key, entry in rows:
-        if entry is None or entry is CAPPED:
+        if entry is None or entry == CAPPED:
             why = "(no config ran)" if entry is None else "(not tuned: --op-seconds)"
             print(f"{kernel:14s} {str(tuple(key)):44s} {why:52s}")
             continue
@@ -269,8 +270,9 @@ def build_parser(registry) -> argparse.ArgumentParser:
                                               "strategy's own, 50 for bayes and ils)")
     t.add_argument("--seconds", type=float, help="at most this many seconds per key")
     t.add_argument("--op-seconds", type=float,
-                   help="at most this many seconds for all of an op's keys (of a trace: a kernel's): a key "
-                        "is searched for what is left of it, and keys after it is spent are not tuned")
+                   help="at most this many seconds for all of an op's keys (of a trace: a kernel's; with "
+                        "--devices: on each GPU): a key is searched for what is left of it, and keys after it "
+                        "is spent are not tuned. A preset lists its largest problems first")
     t.add_argument("--from-trace", metavar="FILE",
                    help=f"tune the (kernel, key) pairs of a trace FILE, which a run writes when "
                         f"{settings.describe('record')} names it")

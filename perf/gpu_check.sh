@@ -5,9 +5,10 @@
 #   perf/gpu_check.sh OUTDIR          (on the GPU machine; ends within 8.5 minutes)
 #
 # For the device tool:  run(command="bash perf/gpu_check.sh $OUT", timeout_s=540)
-# Then, here:           python3 -m perf.publish <the files that came back>
+# Then, here:           python3 -m perf.publish <the folder the files came back to>
 #
-# No installs, no network: the machine's python3 (torch, triton, matplotlib, pytest-timeout, filelock, tqdm).
+# No installs, no network: the machine's python3 (torch, triton, matplotlib, pytest, pytest-timeout,
+# filelock, tqdm).
 # Each step runs under its own `timeout`, and all of them within $GPU_CHECK_SECONDS (510 s), so
 # a slow step costs the later ones time but never the files the earlier ones wrote.
 #
@@ -25,7 +26,7 @@
 #   GPU_CHECK_TESTS          pytest targets                      (tests)
 #   GPU_CHECK_TUNE_OPS       ops tuned, in order                 (matmul linear attention softmax layer_norm rms_norm)
 #   GPU_CHECK_TUNE_PRESET    their shape preset                  (llm)
-#   GPU_CHECK_TUNE_DTYPES    their dtypes                        (bfloat16)
+#   GPU_CHECK_TUNE_DTYPES    their dtypes, comma-separated       (bfloat16)
 #   GPU_CHECK_TUNE_OP_SECONDS  each op's cap; GPU_CHECK_TUNE_KEY_SECONDS, GPU_CHECK_TUNE_BUDGET each key's (22, 10, 20)
 #   GPU_CHECK_PRESET, GPU_CHECK_BENCH_OPS  the benchmark's preset and ops (quick, all)
 # Dry run here:  GPU_CHECK_TESTS=tests/test_perf.py GPU_CHECK_PRESET=smoke GPU_CHECK_TUNE_PRESET=smoke \
@@ -81,12 +82,18 @@ step() {
   return 0
 }
 
-# export: every tuned config of this device as one bundle, written beside and moved into OUTDIR,
-# so a kill never leaves half a bundle there
+# place FILE NAME: FILE into OUTDIR as NAME by a rename within OUTDIR, so a kill never leaves half
+# a file under that name (nor, after the next call, a temp file beside it)
+place() {
+  rm -f "$OUTDIR"/.place.*
+  cp "$1" "$OUTDIR/.place.$2" && chmod 644 "$OUTDIR/.place.$2" && mv -f "$OUTDIR/.place.$2" "$OUTDIR/$2"
+}
+
+# export: every tuned config of this device as one bundle
 export_bundle() {
   local t0=$SECONDS
   AUTOTUNE_CACHE_DIR=$TUNE_CACHE timeout -k 5 30 "$PY" -m autotune export "$WORK/tuned.json" \
-    >>"$OUTDIR/tune.log" 2>&1 && chmod 644 "$WORK/tuned.json" && mv -f "$WORK/tuned.json" "$OUTDIR/tuned.json"
+    >>"$OUTDIR/tune.log" 2>&1 && place "$WORK/tuned.json" tuned.json
   echo "export: rc=$? seconds=$((SECONDS - t0))" | tee -a "$OUTDIR/status.txt"
 }
 
@@ -133,7 +140,7 @@ export_bundle
 # 4. the report: report.md and the plots in one archive
 if [ -s "$OUTDIR/results.json" ]; then
   step report 40 "$OUTDIR/bench.log" "$PY" -m perf.report "$OUTDIR/results.json" -o "$WORK/report"
-  [ -d "$WORK/report" ] && tar czf "$OUTDIR/report.tar.gz" -C "$WORK" report
+  [ -d "$WORK/report" ] && tar czf "$WORK/report.tar.gz" -C "$WORK" report && place "$WORK/report.tar.gz" report.tar.gz
 else
   echo "report: skipped, no results.json" | tee -a "$OUTDIR/status.txt"
 fi

@@ -7,7 +7,8 @@ the logs. Into the checkout at ROOT (default: this one) it writes, <gpu> being r
 device name as a plain name (e.g. nvidia-h200):
 
     perf/results/<gpu>/             results.json, report.md and its plots, env.txt, status.txt,
-                                    the logs, and summary.md (python3 -m perf.targets' text)
+                                    the logs, and summary.md (python3 -m perf.targets' text),
+                                    replacing those of the run published there before
     tritonops/configs/<gpu>.json    the shipped configs: every entry of tuned.json that this
                                     checkout's tuners accept, merged with the entries shipped
                                     before (of two, the faster; stale ones are dropped)
@@ -129,19 +130,39 @@ def ship_configs(bundle: Path, shipped: Path, fingerprint_prefix: str) -> tuple[
             _, skipped = cache.import_bundle(bundle, check)
         except ValueError as e:
             skipped = [str(e)]
-        shipped.parent.mkdir(parents=True, exist_ok=True)
-        count = cache.export(shipped)
+        if cache.files():
+            shipped.parent.mkdir(parents=True, exist_ok=True)
+            count = cache.export(shipped)
+        else:  # nothing valid, old or new: no file rather than an empty one
+            shipped.unlink(missing_ok=True)
+            count = 0
     return count, skipped, dropped
+
+
+def readme_block(readme: Path) -> tuple[str, int, int]:
+    """The README's text and where its Performance block starts and ends (between the markers)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise Refused(f"{readme}: {e}") from None
+    start = text.find(README_BEGIN)
+    end = text.find(README_END, start + len(README_BEGIN)) if start >= 0 else -1
+    if end < 0:
+        raise Refused(f"{readme} has no {README_BEGIN} ... {README_END} block to write into")
+    return text, start + len(README_BEGIN), end
 
 
 def update_readme(readme: Path, block: list[str]) -> None:
     """Replace what lies between the Performance section's markers with `block`."""
-    text = readme.read_text(encoding="utf-8")
-    start, end = text.find(README_BEGIN), text.find(README_END)
-    if start < 0 or end < start:
-        raise Refused(f"{readme} has no {README_BEGIN} ... {README_END} block to write into")
-    start += len(README_BEGIN)
+    text, start, end = readme_block(readme)
     readme.write_text(text[:start] + "\n" + "\n".join(block).rstrip("\n") + "\n" + text[end:], encoding="utf-8")
+
+
+def clear_previous_run(dest: Path) -> None:
+    """The files an earlier publish wrote into dest (a newer run replaces them all; git keeps them)."""
+    for path in dest.iterdir():
+        if path.is_file() and (path.name in (*COPIED, "summary.md", "report.md") or path.suffix == ".png"):
+            path.unlink()
 
 
 def publish(folder: Path, root: Path, allow_interpreter: bool = False) -> tuple[list[str], list[str]]:
@@ -150,14 +171,21 @@ def publish(folder: Path, root: Path, allow_interpreter: bool = False) -> tuple[
 
     from .targets import summary_markdown
 
+    # every check that can refuse comes before anything is written
     results = read_results(folder, allow_interpreter)
     readme = root / "README.md"
-    if README_BEGIN not in readme.read_text(encoding="utf-8"):
-        raise Refused(f"{readme} has no {README_BEGIN} marker")
+    readme_block(readme)
     gpu = bool(results["device"].get("gpu"))
     name = device_slug(results["device"]["name"])
+    if not name:
+        raise Refused(f"the device name {results['device']['name']!r} has no letters or digits to name a folder")
+    try:
+        summary = summary_markdown(results)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise Refused(f"{folder / 'results.json'}: {type(e).__name__}: {e}") from None
     dest = root / "perf" / "results" / name
     dest.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(dest)
     written = [f"{dest}/{n}" for n in copy_files(folder, dest)]
     skipped: list[str] = []
     if (folder / "report.tar.gz").is_file():
@@ -166,14 +194,13 @@ def publish(folder: Path, root: Path, allow_interpreter: bool = False) -> tuple[
         skipped += bad
     else:
         skipped.append("report.tar.gz: not there")
-    summary = summary_markdown(results)
     (dest / "summary.md").write_text("\n".join([f"# {results['device']['name']}", "", *summary]), encoding="utf-8")
     written.append(f"{dest}/summary.md")
     if (folder / "tuned.json").is_file():
         shipped = root / "tritonops" / "configs" / f"{name}.json"
         # a GPU's fingerprint starts with the name of results.json's device; the interpreter's with its own
         count, bad, dropped = ship_configs(folder / "tuned.json", shipped, f"{name}-sm" if gpu else "interpreter-sm")
-        written.append(f"{shipped} ({count} entries)")
+        written.append(f"{shipped} ({count} entries)" if count else f"no configs to ship: {shipped} not written")
         skipped += [f"tuned.json: {why}" for why in bad]
         skipped += [f"{shipped.name} as shipped before: {why}" for why in dropped]
     else:

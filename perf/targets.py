@@ -12,14 +12,18 @@ Targets (provider "tritonops", the tuned one, against the baselines of the same 
                   shape (its median time at most flash's).
 
 A target is "met" when every shape it covers was measured and passes, "missed" when a measured
-shape fails, and "not measured" when nothing it covers has a time (errors, skips, a missing
-baseline or ceiling); a met target with shapes that have no time says how many.
+shape fails, "partly measured" when the measured shapes pass but some have no time, and "not
+measured" when nothing it covers has a time (errors, skips, a missing baseline or ceiling, an
+op, mode or dtype the run did not measure: every target of the run's modes and dtypes, and of
+fp16 and bf16 for matmul, is listed). Correctness is not a target here: the table shows the
+largest relative error of ours against torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +47,17 @@ class Target:
     failing: list = field(default_factory=list)  # shape labels that miss it
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _timed(row: dict | None) -> bool:
-    return row is not None and isinstance(row.get("p50"), (int, float)) and row["p50"] > 0
+    return row is not None and _number(row.get("p50")) and row["p50"] > 0
+
+
+def _metric(row: dict | None) -> float | None:
+    metric = row.get("metric") if _timed(row) else None
+    return metric["value"] if isinstance(metric, dict) and _number(metric.get("value")) else None
 
 
 def _shape_label(shape: dict) -> str:
@@ -52,9 +65,16 @@ def _shape_label(shape: dict) -> str:
 
 
 def _groups(results: dict) -> dict[tuple, dict[str, dict[str, dict]]]:
-    """(op, mode, dtype) -> shape label -> provider -> row, in the file's order."""
+    """(op, mode, dtype) -> shape label -> provider -> row, in the file's order; ValueError for
+    a case that is not a results row."""
     out: dict = {}
-    for r in results.get("cases", []):
+    cases = results.get("cases", [])
+    if not isinstance(cases, list):
+        raise ValueError("the results' cases are not a list")
+    for r in cases:
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("op", "mode", "dtype", "provider"))
+                and isinstance(r.get("shape"), dict)):
+            raise ValueError(f"a case that is not a results row: {str(r)[:200]}")
         out.setdefault((r["op"], r["mode"], r["dtype"]), {}).setdefault(_shape_label(r["shape"]), {})[r["provider"]] = r
     return out
 
@@ -66,23 +86,39 @@ def _verdict(name: str, checked: list[tuple[str, bool]], untimed: int, value: st
     failing = [label for label, ok in checked if not ok]
     if untimed:
         detail = (detail + "; " if detail else "") + f"{untimed} shape(s) not measured"
-    return Target(name, "missed" if failing else "met", value, detail, failing)
+    return Target(name, "missed" if failing else "partly measured" if untimed else "met", value, detail, failing)
+
+
+def _expected(results: dict, ops, modes=None, dtypes=()) -> list[tuple[str, str, str]]:
+    """The (op, mode, dtype) groups a target covers: what the run measured of `ops`, and what it
+    was asked to measure (its modes, or `modes`; its dtypes and `dtypes`), in a fixed order."""
+    run = results.get("run") or {}
+    measured = [g for g in _groups(results) if g[0] in ops]
+    want_modes = list(modes or run.get("modes") or [])
+    want_dtypes = list(dict.fromkeys([*(run.get("dtypes") or []), *dtypes]))
+    asked = [(op, mode, dtype) for op in ops for mode in want_modes for dtype in want_dtypes]
+    if modes:
+        measured = [g for g in measured if g[1] in modes]
+    return list(dict.fromkeys(asked + measured))
 
 
 def matmul_targets(results: dict) -> list[Target]:
     out = []
-    for (op, mode, dtype), shapes in _groups(results).items():
-        if op != "matmul" or dtype not in ("float16", "bfloat16"):
+    groups = _groups(results)
+    for op, mode, dtype in _expected(results, ("matmul",), dtypes=("float16", "bfloat16")):
+        if dtype not in ("float16", "bfloat16"):
             continue
+        shapes = groups.get((op, mode, dtype), {})
         speedups = [(label, rows[OURS]["speedup_vs_torch"]) for label, rows in shapes.items()
-                    if _timed(rows.get(OURS)) and isinstance(rows[OURS].get("speedup_vs_torch"), (int, float))]
+                    if _timed(rows.get(OURS)) and _number(rows[OURS].get("speedup_vs_torch"))]
         gm = geomean(v for _, v in speedups)
         slower = [(label, v) for label, v in speedups if v < 1.0]
         worst = min(speedups, key=lambda t: t[1], default=None)
         name = f"matmul {mode} {dtype}: geomean vs torch.matmul >= 1.0"
         value = f"{gm:.3f}x over {len(speedups)} shapes" if gm else "-"
         detail = (f"{len(slower)} shape(s) below 1.0x, the slowest {worst[1]:.3f}x at {worst[0]}" if slower
-                  else f"every shape >= 1.0x, the lowest {worst[1]:.3f}x" if worst else "")
+                  else f"every shape >= 1.0x, the lowest {worst[1]:.3f}x" if worst
+                  else "" if shapes else "not in the run")
         target = _verdict(name, [("the geomean", gm >= 1.0)] if gm else [], len(shapes) - len(speedups),
                           value, detail)
         target.failing = []  # the detail names the shapes
@@ -90,8 +126,8 @@ def matmul_targets(results: dict) -> list[Target]:
         if mode == "fwd":
             big = shapes.get(_shape_label({"M": 8192, "N": 8192, "K": 8192}), {}).get(OURS)
             name = f"matmul fwd {dtype} 8192^3: > {MATMUL_TFLOPS_8192:g} TFLOP/s"
-            if _timed(big):
-                tflops = big["metric"]["value"]
+            tflops = _metric(big)
+            if tflops is not None:
                 out.append(_verdict(name, [("M=8192 N=8192 K=8192", tflops > MATMUL_TFLOPS_8192)], 0,
                                     f"{tflops:.0f} TFLOP/s", ""))
             else:
@@ -101,19 +137,17 @@ def matmul_targets(results: dict) -> list[Target]:
 
 def row_targets(results: dict) -> list[Target]:
     out = []
-    for (op, mode, dtype), shapes in _groups(results).items():
-        if op not in ROW_OPS:
-            continue
-        wide = {label: rows for label, rows in shapes.items()
+    groups = _groups(results)
+    for op, mode, dtype in _expected(results, ROW_OPS):
+        wide = {label: rows for label, rows in groups.get((op, mode, dtype), {}).items()
                 if next(iter(rows.values()))["shape"].get("cols", 0) >= ROW_MIN_COLS}
-        if not wide:
-            continue
+        none = "" if wide else f"no shape of {ROW_MIN_COLS} columns or more in the run"
         pct_checked, vs_checked, pct_untimed, vs_untimed = [], [], 0, 0
         pcts, ratios = [], []
         for label, rows in wide.items():
             ours = rows.get(OURS)
             pct = ours.get("pct_of_ceiling") if _timed(ours) else None
-            if isinstance(pct, (int, float)):
+            if _number(pct):
                 pct_checked.append((label, pct >= ROW_PCT_OF_COPY))
                 pcts.append((label, pct))
             else:
@@ -129,19 +163,19 @@ def row_targets(results: dict) -> list[Target]:
         out.append(_verdict(
             f"{op} {mode} {dtype}, cols >= {ROW_MIN_COLS}: >= {ROW_PCT_OF_COPY:g}% of copy bandwidth", pct_checked,
             pct_untimed, f"lowest {worst_pct[1]:.0f}%" if worst_pct else "-",
-            f"at {worst_pct[0]}" if worst_pct else ""))
+            f"at {worst_pct[0]}" if worst_pct else none))
         worst = min(ratios, key=lambda t: t[1], default=None)
         out.append(_verdict(
             f"{op} {mode} {dtype}, cols >= {ROW_MIN_COLS}: never slower than torch.compile", vs_checked, vs_untimed,
-            f"lowest {worst[1]:.3f}x torch.compile" if worst else "-", f"at {worst[0]}" if worst else ""))
+            f"lowest {worst[1]:.3f}x torch.compile" if worst else "-", f"at {worst[0]}" if worst else none))
     return out
 
 
 def attention_targets(results: dict) -> list[Target]:
     out = []
-    for (op, mode, dtype), shapes in _groups(results).items():
-        if op not in ATTENTION_FWD_OPS or mode != "fwd":
-            continue
+    groups = _groups(results)
+    for op, mode, dtype in _expected(results, ATTENTION_FWD_OPS, modes=("fwd",)):
+        shapes = groups.get((op, mode, dtype), {})
         checked, ratios, untimed = [], [], 0
         for label, rows in shapes.items():
             ours, flash = rows.get(OURS), rows.get("sdpa-flash")
@@ -186,14 +220,17 @@ def performance_rows(results: dict) -> list[list[str]]:
             gm = _ratio_geomean(shapes, other)
             cells.append(f"{gm:.2f}x" if gm else "-")
         pcts = [r[OURS]["pct_of_ceiling"] for r in shapes.values()
-                if _timed(r.get(OURS)) and isinstance(r[OURS].get("pct_of_ceiling"), (int, float))]
+                if _timed(r.get(OURS)) and _number(r[OURS].get("pct_of_ceiling"))]
         cells.append(f"{min(pcts):.0f}-{max(pcts):.0f}%" if pcts else "-")
+        errs = [r[OURS]["rel_err_vs_torch"] for r in shapes.values()
+                if _number((r.get(OURS) or {}).get("rel_err_vs_torch"))]
+        cells.append(f"{max(errs):.1e}" if errs else "-")
         rows.append(cells)
     return rows
 
 
 PERFORMANCE_HEADER = ["op", "mode", "dtype", "shapes timed", "vs torch", "vs torch.compile", "vs SDPA flash",
-                      "tuned vs default", "% of ceiling"]
+                      "tuned vs default", "% of ceiling", "max rel. err vs torch"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -212,8 +249,8 @@ def ceilings_line(results: dict) -> str:
     c = results.get("ceilings") or {}
     mm = c.get("matmul_tflops") or {}
     copy = c.get("copy_GBps")
-    parts = [f"copy {copy:.0f} GB/s" if isinstance(copy, (int, float)) else "copy not measured"]
-    parts += [f"torch.matmul 8192^3 {k} {v:.0f} TFLOP/s" for k, v in mm.items() if isinstance(v, (int, float))]
+    parts = [f"copy {copy:.0f} GB/s" if _number(copy) else "copy not measured"]
+    parts += [f"torch.matmul 8192^3 {k} {v:.0f} TFLOP/s" for k, v in mm.items() if _number(v)]
     return ", ".join(parts)
 
 
@@ -227,6 +264,10 @@ def device_line(results: dict) -> str:
 def summary_markdown(results: dict) -> list[str]:
     """The targets and the ratio table, with the device and the ceilings they were measured against."""
     md = [] if (results.get("device") or {}).get("gpu") else [f"> **{NOT_PERF}**", ""]
+    run = results.get("run") or {}
+    if run.get("aborted") or run.get("complete") is False:
+        md += [f"> **The run did not complete** ({run.get('aborted') or 'stopped before its end'}): "
+               "what it did not measure is listed as not measured.", ""]
     md += [f"Measured on {device_line(results)}.", "", f"Ceilings measured in the same run: {ceilings_line(results)}.",
           "", "Ratios are geometric means over the shapes of the other provider's median time over ours "
           "(> 1: ours faster); ours is the tuned provider. % of ceiling: the lowest and highest over the shapes "
@@ -243,8 +284,8 @@ def main(argv=None) -> int:
     try:
         results = json.loads(Path(args.results).read_text())
         lines = summary_markdown(results)
-    except (OSError, ValueError) as e:
-        print(f"perf.targets: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # a file that is not a results file
+        print(f"perf.targets: {args.results}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0

@@ -3,6 +3,7 @@
 import json
 import multiprocessing as mp
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -432,6 +433,9 @@ def test_cli_op_seconds_caps_each_op(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main(["tune", "op_a", "--shapes", "1", "--op-seconds", "0"]) == 2
     assert "--op-seconds must be a positive" in capsys.readouterr().err
+    # rows come back from --devices workers as copies
+    cli._print_table([("clocked", (1,), pickle.loads(pickle.dumps(cli.CAPPED)))])
+    assert "(not tuned: --op-seconds)" in capsys.readouterr().out
 
 
 def test_import_keeps_the_faster_entry(tmp_path):

@@ -39,7 +39,7 @@ def _results(cases, gpu=True):
             "device": {"name": "NVIDIA H200" if gpu else "cpu (Triton interpreter)", "gpu": gpu,
                        "capability": "9.0", "sm_count": 132, "driver": "570.00", "torch": "2.11.0",
                        "triton": "3.6.0", "cuda": "12.8", "python": "3.12.3", "date": "2026-12-01T00:00:00+00:00"},
-            "run": {"preset": "quick"}, "ceilings": {"copy_GBps": 4000.0, "matmul_tflops": {"bfloat16": 800.0}},
+            "run": {"preset": "quick", "modes": ["fwd"], "dtypes": ["bfloat16"], "complete": True}, "ceilings": {"copy_GBps": 4000.0, "matmul_tflops": {"bfloat16": 800.0}},
             "ops": {}, "cases": cases}
 
 
@@ -50,7 +50,7 @@ def _matmul_case(M, N, K, ours_ms, torch_ms, tflops=100.0, dtype="bfloat16", mod
                  dtype=dtype)]
 
 
-def _rows_case(op, cols, ours_ms, pct, compile_ms):
+def _rows_case(op, cols, ours_ms, pct, compile_ms):  # ours_ms None: ours failed there
     s = {"rows": 4096, "cols": cols}
     return [_row(op, "fwd", s, "tritonops", ours_ms, 1.0, 1.0, pct, metric="GB/s"),
             _row(op, "fwd", s, "torch.compile", compile_ms, metric="GB/s")]
@@ -73,6 +73,7 @@ def test_targets_say_met_missed_and_not_measured():
              + _rows_case("softmax", 2048, 1.0, 10.0, 0.5)  # under 4096 columns: no target
              + _rows_case("softmax", 32768, 1.0, 92.0, 1.1) + _rows_case("softmax", 65536, 1.0, 85.0, 1.0)
              + _rows_case("rms_norm", 8192, 1.0, 95.0, 0.9)
+             + _rows_case("layer_norm", 8192, 1.0, 95.0, 1.5) + _rows_case("layer_norm", 16384, None, None, 1.0)
              + _attention_case("attention", 1024, 1.0, 1.1) + _attention_case("attention", 4096, 1.0, 0.95)
              + _attention_case("attention_decode", 1, 1.0, None))
     found = _by_name(targets.evaluate(_results(cases)))
@@ -89,11 +90,25 @@ def test_targets_say_met_missed_and_not_measured():
     assert found["rms_norm fwd bfloat16, cols >= 4096: >= 90% of copy bandwidth"].status == "met"
     slower = found["rms_norm fwd bfloat16, cols >= 4096: never slower than torch.compile"]
     assert slower.status == "missed" and slower.value == "lowest 0.900x torch.compile"
+    partly = found["layer_norm fwd bfloat16, cols >= 4096: >= 90% of copy bandwidth"]
+    assert partly.status == "partly measured" and "1 shape(s) not measured" in partly.detail
+    # what the run was asked for (fwd, bfloat16) but never measured is listed, not left out
+    absent = found["log_softmax fwd bfloat16, cols >= 4096: never slower than torch.compile"]
+    assert absent.status == "not measured" and "no shape of 4096 columns" in absent.detail
+    # measured though not asked for (bwd bfloat16): listed; neither (bwd float16): not
+    assert "matmul bwd bfloat16: geomean vs torch.matmul >= 1.0" in found
+    assert "matmul bwd float16: geomean vs torch.matmul >= 1.0" not in found
     attn = found["attention fwd bfloat16: at least SDPA flash at every shape"]
     assert attn.status == "missed" and attn.failing == ["B=1 H=16 L=4096 S=4096 E=128 causal=0"]
     assert found["attention_decode fwd bfloat16: at least SDPA flash at every shape"].status == "not measured"
     with pytest.raises(ValueError, match="not a tritonops-bench"):
         targets.evaluate({"cases": []})
+    with pytest.raises(ValueError, match="not a results row"):
+        targets.evaluate(_results([{"op": "matmul"}]))
+    broken = _matmul_case(8192, 8192, 8192, 1.0, 1.0)
+    broken[1]["metric"] = None  # read from disk: never trusted to be a number
+    assert _by_name(targets.evaluate(_results(broken)))["matmul fwd bfloat16 8192^3: > 780 TFLOP/s"].status == \
+        "not measured"
 
 
 def test_performance_table_has_the_ratios_and_ceiling_shares():
@@ -196,6 +211,22 @@ def test_publish_ships_only_what_this_checkout_can_use(tmp_path):
     assert (root / "README.md").read_text().count("Measured on NVIDIA H200") == 1
 
 
+def test_publish_replaces_the_previous_run_and_ships_nothing_invalid(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(_results(_matmul_case(1024, 4096, 4096, 1.0, 1.0))))
+    _bundle(folder / "tuned.json", [_file(H200, "softmax-0123456789abcdef-v1", {})])
+    root = _checkout(tmp_path)
+    dest = root / "perf" / "results" / "nvidia-h200"
+    dest.mkdir(parents=True)
+    for name in ("old_plot.png", "report.md", "bench.log", "results-full.json"):
+        (dest / name).write_text("an earlier run")
+    written, skipped = publish.publish(folder, root)
+    assert sorted(p.name for p in dest.iterdir()) == ["results-full.json", "results.json", "summary.md"]
+    assert "report.tar.gz: not there" in skipped
+    assert not (root / "tritonops" / "configs").exists() and any("no configs to ship" in w for w in written)
+
+
 def test_publish_refuses_what_is_not_a_gpu_run(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
@@ -208,10 +239,20 @@ def test_publish_refuses_what_is_not_a_gpu_run(tmp_path):
     (folder / "results.json").write_text(json.dumps(_results([], gpu=False)))
     with pytest.raises(publish.Refused, match="interpreter"):
         publish.publish(folder, root)
-    (folder / "results.json").write_text(json.dumps(_results([])))
-    (root / "README.md").write_text("# no markers\n")
-    with pytest.raises(publish.Refused, match="performance:begin"):
+    nameless = _results([])
+    nameless["device"]["name"] = "???"
+    (folder / "results.json").write_text(json.dumps(nameless))
+    with pytest.raises(publish.Refused, match="no letters or digits"):
         publish.publish(folder, root)
+    (folder / "results.json").write_text(json.dumps(_results([{"op": "matmul", "shape": None}])))
+    with pytest.raises(publish.Refused, match="not a results row"):
+        publish.publish(folder, root)
+    (folder / "results.json").write_text(json.dumps(_results([])))
+    for readme in ("# no markers\n", f"# only the first\n{publish.README_BEGIN}\n",
+                   f"{publish.README_END}\n# in the wrong order\n{publish.README_BEGIN}\n"):
+        (root / "README.md").write_text(readme)
+        with pytest.raises(publish.Refused, match="performance:begin"):
+            publish.publish(folder, root)
     assert not (root / "perf").exists() and not (root / "tritonops").exists()
     assert publish.main([str(folder), "--root", str(root)]) == 2
 
@@ -219,7 +260,12 @@ def test_publish_refuses_what_is_not_a_gpu_run(tmp_path):
 def test_shipped_configs_are_valid_for_the_tuners_here():
     """Every entry of tritonops/configs/*.json is well formed and, where its kernel's source and
     space are this checkout's, a config of that tuner's space (an entry of changed code is
-    never used: the next publish drops it)."""
+    never used: the next publish drops it); the tuners read that folder, and the package
+    installs it."""
+    configs = ROOT / "tritonops" / "configs"
+    assert all(path.parent == configs for path in SHIPPED_CONFIGS)
+    assert SHIPPED_CONFIGS == sorted(configs.glob("*.json"))
+    assert 'tritonops = ["configs/*.json"]' in (ROOT / "pyproject.toml").read_text()
     by_identity = {t.identity: t for t in TUNERS.values()}
     for path in SHIPPED_CONFIGS:
         files, problems = read_bundle(path)

@@ -92,3 +92,16 @@ def test_command_tunes_exactly_the_keys_a_call_uses(tmp_path, monkeypatch, capsy
                          "--dtype", "float32", "--budget", "1", "--quiet"]) == 0
     capsys.readouterr()
     assert _stored(cache) == used
+
+
+def test_llm_presets_list_the_largest_problems_first():
+    """Under `--op-seconds` a preset's keys are tuned in its order: the problems that take the
+    most GPU time come first."""
+    from math import prod
+
+    from autotune.registry import REGISTRY
+
+    for name in CASES:
+        shapes = REGISTRY[name].presets["llm"]
+        sizes = [prod(shape) for shape in shapes]
+        assert len(shapes) > 1 and sizes == sorted(sizes, reverse=True), name

@@ -577,7 +577,9 @@ ATTENTION_BWD_PREPROCESS_TUNER = _tuner("attention_bwd_preprocess", ATTENTION_BW
 
 # --------------------------------------------------------------------------- the `autotune` command
 
-LLM_SHAPES = [(n, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+# largest first: under a time cap (`--op-seconds`) the problems that take the most GPU time are tuned first
+LLM_SHAPES = sorted(((n, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)),
+                    key=lambda s: -s[0] * s[1] * s[2])
 TUNE_DTYPES = ("float16", "bfloat16", "float32")
 
 

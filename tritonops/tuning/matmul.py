@@ -174,8 +174,10 @@ MATMUL_TUNER = register_tuner(Tuner(
 # The keys a call selects, found by running the ops' own key functions on meta tensors laid
 # out as the ops lay out their operands: what is tuned ahead of time is what a call looks up.
 
-LLM_SHAPES = [(m, n, k) for m in (1, 16, 128, 1024, 4096, 8192)
-              for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))]
+# largest first: under a time cap (`--op-seconds`) the problems that take the most GPU time are tuned first
+LLM_SHAPES = sorted(((m, n, k) for m in (1, 16, 128, 1024, 4096, 8192)
+                     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))),
+                    key=lambda s: -s[0] * s[1] * s[2])
 TUNE_DTYPES = ("float16", "bfloat16", "float32")
 
 
