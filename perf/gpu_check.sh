@@ -15,7 +15,7 @@
 # OUTDIR stays flat and holds at most 8 files (what the device tool brings back):
 #   env.txt        date, git commit, nvidia-smi, python/torch/cuda/cudnn/triton versions
 #   status.txt     each step's exit code, seconds and cap (124/137: timed out)
-#   tests.log      step 1: python -m pytest -q tests -x --timeout 120                       (cap 120 s)
+#   tests.log      step 1: python -m pytest -q <test files> -x --timeout 120                (cap 120 s)
 #   tune.log       step 2: autotune tune <op> --preset llm, default strategy, per-op cap; exports  (cap 175 s)
 #   tuned.json     the tuned configs as one `autotune export` bundle: step 2's, then step 3's added
 #   bench.log      step 3: python -m perf.bench --preset quick (+ replay), step 4's output too
@@ -23,7 +23,7 @@
 #   report.tar.gz  step 4: report/report.md and its PNGs (one per op/mode/dtype, speedup.png, replay.png)
 #
 # Knobs (environment), for a dry run without a GPU and for a rerun that needs less:
-#   GPU_CHECK_TESTS          pytest targets                      (tests)
+#   GPU_CHECK_TESTS          pytest targets                      (every test file, the kernels' first)
 #   GPU_CHECK_TUNE_OPS       ops tuned, in order                 (matmul linear attention softmax layer_norm rms_norm)
 #   GPU_CHECK_TUNE_PRESET    their shape preset                  (llm)
 #   GPU_CHECK_TUNE_DTYPES    their dtypes, comma-separated       (bfloat16)
@@ -46,7 +46,22 @@ trap 'rm -rf "$WORK"' EXIT
 # what is tuned here goes to a scratch cache, never to a real one; the bundle carries it out
 TUNE_CACHE=$WORK/tune-cache
 PY=${PYTHON:-python3}
-TESTS=${GPU_CHECK_TESTS:-tests}
+# the kernels' own tests first (what the interpreter may accept and a GPU refuse), the sm90 compile
+# check (what the GPU itself now shows) last; every other test file between, in name order
+FIRST="test_matmul_variants test_attention_paths test_rows_long test_matmul test_softmax test_norm test_attention
+       test_training test_autocast"
+LAST="test_gpu_compile"
+ordered_tests() {
+  local f name
+  for name in $FIRST; do echo "tests/$name.py"; done
+  for f in tests/test_*.py; do
+    name=$(basename "$f" .py)
+    case " $(echo $FIRST $LAST) " in *" $name "*) ;; *) echo "$f" ;; esac
+  done
+  for name in $LAST; do echo "tests/$name.py"; done
+}
+TESTS=${GPU_CHECK_TESTS:-$(ordered_tests | tr '\n' ' ')}
+if [ -n "${GPU_CHECK_LIST_TESTS:-}" ]; then echo "$TESTS"; exit 0; fi  # what step 1 would run, nothing else
 TUNE_OPS=${GPU_CHECK_TUNE_OPS:-matmul linear attention softmax layer_norm rms_norm}
 TUNE_PRESET=${GPU_CHECK_TUNE_PRESET:-llm}
 TUNE_DTYPES=${GPU_CHECK_TUNE_DTYPES:-bfloat16}

@@ -318,3 +318,15 @@ def test_gpu_check_dry_run_brings_back_what_publish_takes(tmp_path, monkeypatch)
         assert SOFTMAX_TUNER.select(key).to_dict() == entry["winner"]
         assert SOFTMAX_TUNER.sources[key] == "shipped"
     assert CacheDir(tmp_path / "empty-cache").files() == []
+
+
+def test_gpu_check_runs_every_test_file_once_the_kernels_first(tmp_path):
+    env = {**os.environ, "GPU_CHECK_LIST_TESTS": "1"}
+    env.pop("GPU_CHECK_TESTS", None)
+    r = subprocess.run(["bash", str(ROOT / "perf" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split()
+    assert sorted(listed) == sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py"))
+    assert listed[:2] == ["tests/test_matmul_variants.py", "tests/test_attention_paths.py"]
+    assert listed[-1] == "tests/test_gpu_compile.py"
