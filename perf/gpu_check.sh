@@ -28,7 +28,8 @@
 #   GPU_CHECK_TUNE_PRESET    their shape preset                  (llm)
 #   GPU_CHECK_TUNE_DTYPES    their dtypes, comma-separated       (bfloat16)
 #   GPU_CHECK_TUNE_OP_SECONDS  each op's cap; GPU_CHECK_TUNE_KEY_SECONDS, GPU_CHECK_TUNE_BUDGET each key's (22, 10, 20)
-#   GPU_CHECK_PRESET, GPU_CHECK_BENCH_OPS  the benchmark's preset and ops (quick, all)
+#   GPU_CHECK_PRESET, GPU_CHECK_BENCH_OPS, GPU_CHECK_BENCH_DTYPES  the benchmark's preset, ops and dtypes
+#                            (quick, all, the preset's: quick measures bfloat16 only, and no log_softmax)
 # Dry run here:  GPU_CHECK_TESTS=tests/test_perf.py GPU_CHECK_PRESET=smoke GPU_CHECK_TUNE_PRESET=smoke \
 #                bash perf/gpu_check.sh /tmp/gpu-check
 set -u
@@ -70,6 +71,7 @@ TUNE_KEY_SECONDS=${GPU_CHECK_TUNE_KEY_SECONDS:-10}
 TUNE_BUDGET=${GPU_CHECK_TUNE_BUDGET:-20}
 PRESET=${GPU_CHECK_PRESET:-quick}
 BENCH_OPS=${GPU_CHECK_BENCH_OPS:-all}
+BENCH_DTYPES=${GPU_CHECK_BENCH_DTYPES:-}
 TOTAL=${GPU_CHECK_SECONDS:-510}
 START=$SECONDS
 : >"$OUTDIR/status.txt"
@@ -147,7 +149,8 @@ budget=$(($(left) - 80))
 ((budget > 200)) && budget=200
 ((budget < 10)) && budget=10
 AUTOTUNE_CACHE_DIR=$TUNE_CACHE step bench $((budget + 30)) "$OUTDIR/bench.log" \
-  "$PY" -m perf.bench --preset "$PRESET" --ops "$BENCH_OPS" --time-budget "$budget" --replay 16 \
+  "$PY" -m perf.bench --preset "$PRESET" --ops "$BENCH_OPS" ${BENCH_DTYPES:+--dtypes "$BENCH_DTYPES"} \
+  --time-budget "$budget" --replay 16 \
   --out "$OUTDIR/results.json"
 rm -f "$OUTDIR/.results.json.tmp"  # left only by a kill in the middle of a write
 export_bundle
@@ -156,6 +159,7 @@ export_bundle
 if [ -s "$OUTDIR/results.json" ]; then
   step report 40 "$OUTDIR/bench.log" "$PY" -m perf.report "$OUTDIR/results.json" -o "$WORK/report"
   [ -d "$WORK/report" ] && tar czf "$WORK/report.tar.gz" -C "$WORK" report && place "$WORK/report.tar.gz" report.tar.gz
+  echo "archive: rc=$?" | tee -a "$OUTDIR/status.txt"
 else
   echo "report: skipped, no results.json" | tee -a "$OUTDIR/status.txt"
 fi

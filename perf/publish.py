@@ -8,7 +8,8 @@ device name as a plain name (e.g. nvidia-h200):
 
     perf/results/<gpu>/             results.json, report.md and its plots, env.txt, status.txt,
                                     the logs, and summary.md (python3 -m perf.targets' text),
-                                    replacing those of the run published there before
+                                    replacing those of the run published there before (its
+                                    .md and .png files and those names)
     tritonops/configs/<gpu>.json    the shipped configs: every entry of tuned.json that this
                                     checkout's tuners accept, merged with the entries shipped
                                     before (of two, the faster; stale ones are dropped)
@@ -31,6 +32,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from .backend import prepare_backend
@@ -94,8 +96,8 @@ def extract_report(archive: Path, dest: Path) -> tuple[list[str], list[str]]:
                 data = tar.extractfile(member).read()
                 (dest / match.group(1)).write_bytes(data)
                 written.append(match.group(1))
-    except (OSError, tarfile.TarError) as e:
-        skipped.append(f"{archive.name}: {e}")
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:  # a damaged or cut archive
+        skipped.append(f"{archive.name}: {type(e).__name__}: {e}")
     return written, skipped
 
 
@@ -161,7 +163,7 @@ def update_readme(readme: Path, block: list[str]) -> None:
 def clear_previous_run(dest: Path) -> None:
     """The files an earlier publish wrote into dest (a newer run replaces them all; git keeps them)."""
     for path in dest.iterdir():
-        if path.is_file() and (path.name in (*COPIED, "summary.md", "report.md") or path.suffix == ".png"):
+        if path.is_file() and (path.name in COPIED or path.suffix in (".md", ".png")):
             path.unlink()
 
 
@@ -184,6 +186,8 @@ def publish(folder: Path, root: Path, allow_interpreter: bool = False) -> tuple[
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise Refused(f"{folder / 'results.json'}: {type(e).__name__}: {e}") from None
     dest = root / "perf" / "results" / name
+    if dest.exists() and dest.resolve() == folder.resolve():
+        raise Refused(f"{folder} is where the run would be published: publish from the folder gpu_check wrote")
     dest.mkdir(parents=True, exist_ok=True)
     clear_previous_run(dest)
     written = [f"{dest}/{n}" for n in copy_files(folder, dest)]
@@ -206,8 +210,10 @@ def publish(folder: Path, root: Path, allow_interpreter: bool = False) -> tuple[
     else:
         skipped.append("tuned.json: not there")
     link = f"perf/results/{name}"
-    update_readme(readme, [f"The newest run, [{link}]({link}/report.md) (plots and every number there, the "
-                           f"targets in [summary.md]({link}/summary.md)):", "", *summary])
+    report = (f"[{link}]({link}/report.md) (plots and every number there, the targets in "
+              f"[summary.md]({link}/summary.md))" if (dest / "report.md").exists()
+              else f"[{link}]({link}/summary.md) (no report came back)")
+    update_readme(readme, [f"The newest run, {report}:", "", *summary])
     written.append(f"{readme} (Performance section)")
     return written, skipped
 

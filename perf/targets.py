@@ -40,8 +40,8 @@ ATTENTION_FWD_OPS = ("attention", "attention_decode")
 
 @dataclass
 class Target:
-    name: str          # e.g. "matmul fwd bfloat16: geomean vs torch >= 1.0"
-    status: str        # "met", "missed" or "not measured"
+    name: str          # e.g. "matmul fwd bfloat16: geomean vs torch >= 1.0"; the op's name first
+    status: str        # "met", "missed", "partly measured" or "not measured"
     value: str         # the number the target is about, as text
     detail: str = ""   # the worst shape, what was not measured
     failing: list = field(default_factory=list)  # shape labels that miss it
@@ -81,11 +81,11 @@ def _groups(results: dict) -> dict[tuple, dict[str, dict[str, dict]]]:
 
 def _verdict(name: str, checked: list[tuple[str, bool]], untimed: int, value: str, detail: str) -> Target:
     """checked: (shape label, passes) for every measured shape; untimed: shapes with no time."""
+    if untimed:
+        detail = (detail + "; " if detail else "") + f"{untimed} shape(s) not measured"
     if not checked:
         return Target(name, "not measured", value, detail)
     failing = [label for label, ok in checked if not ok]
-    if untimed:
-        detail = (detail + "; " if detail else "") + f"{untimed} shape(s) not measured"
     return Target(name, "missed" if failing else "partly measured" if untimed else "met", value, detail, failing)
 
 
@@ -121,6 +121,8 @@ def matmul_targets(results: dict) -> list[Target]:
                   else "" if shapes else "not in the run")
         target = _verdict(name, [("the geomean", gm >= 1.0)] if gm else [], len(shapes) - len(speedups),
                           value, detail)
+        if len(speedups) < len(shapes) and gm:  # a geomean over some of the shapes settles nothing
+            target.status = "partly measured"
         target.failing = []  # the detail names the shapes
         out.append(target)
         if mode == "fwd":
@@ -141,7 +143,8 @@ def row_targets(results: dict) -> list[Target]:
     for op, mode, dtype in _expected(results, ROW_OPS):
         wide = {label: rows for label, rows in groups.get((op, mode, dtype), {}).items()
                 if next(iter(rows.values()))["shape"].get("cols", 0) >= ROW_MIN_COLS}
-        none = "" if wide else f"no shape of {ROW_MIN_COLS} columns or more in the run"
+        none = ("" if wide else "not in the run" if (op, mode, dtype) not in groups
+                else f"no shape of {ROW_MIN_COLS} columns or more in the run")
         pct_checked, vs_checked, pct_untimed, vs_untimed = [], [], 0, 0
         pcts, ratios = [], []
         for label, rows in wide.items():
@@ -187,15 +190,36 @@ def attention_targets(results: dict) -> list[Target]:
                 untimed += 1
         worst = min(ratios, key=lambda t: t[1], default=None)
         out.append(_verdict(f"{op} fwd {dtype}: at least SDPA flash at every shape", checked, untimed,
-                            f"lowest {worst[1]:.3f}x flash" if worst else "-", f"at {worst[0]}" if worst else ""))
+                            f"lowest {worst[1]:.3f}x flash" if worst else "-",
+                            f"at {worst[0]}" if worst else "" if shapes else "not in the run"))
     return out
 
 
+def unfinished_ops(results: dict) -> set[str]:
+    """Ops the run began and did not finish (killed, or the CUDA context lost): their last shapes
+    may be missing from the cases altogether."""
+    ops = results.get("ops") or {}
+    return {op for op, info in ops.items() if isinstance(info, dict) and info.get("status") == "ok"
+            and "seconds" not in info} if isinstance(ops, dict) else set()
+
+
 def evaluate(results: dict) -> list[Target]:
-    """Every target the results file has cases for, in the order above."""
+    """Every target of what the run measured or was asked to measure, in the order above; a
+    target of an op the run did not finish is at best partly measured."""
     if results.get("schema") != SCHEMA:
         raise ValueError(f"not a {SCHEMA} results file (schema={results.get('schema')!r})")
-    return matmul_targets(results) + row_targets(results) + attention_targets(results)
+    run = results.get("run") or {}
+    for field_name in ("modes", "dtypes"):
+        values = run.get(field_name, [])
+        if not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+            raise ValueError(f"the run's {field_name} are not a list of names: {values!r}")
+    found = matmul_targets(results) + row_targets(results) + attention_targets(results)
+    unfinished = unfinished_ops(results)
+    for target in found:
+        if target.name.split()[0] in unfinished and target.status == "met":
+            target.status = "partly measured"
+            target.detail = (target.detail + "; " if target.detail else "") + "the run stopped in this op"
+    return found
 
 
 # --------------------------------------------------------------------------- the README's table

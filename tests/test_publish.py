@@ -94,7 +94,7 @@ def test_targets_say_met_missed_and_not_measured():
     assert partly.status == "partly measured" and "1 shape(s) not measured" in partly.detail
     # what the run was asked for (fwd, bfloat16) but never measured is listed, not left out
     absent = found["log_softmax fwd bfloat16, cols >= 4096: never slower than torch.compile"]
-    assert absent.status == "not measured" and "no shape of 4096 columns" in absent.detail
+    assert absent.status == "not measured" and absent.detail == "not in the run"
     # measured though not asked for (bwd bfloat16): listed; neither (bwd float16): not
     assert "matmul bwd bfloat16: geomean vs torch.matmul >= 1.0" in found
     assert "matmul bwd float16: geomean vs torch.matmul >= 1.0" not in found
@@ -105,6 +105,18 @@ def test_targets_say_met_missed_and_not_measured():
         targets.evaluate({"cases": []})
     with pytest.raises(ValueError, match="not a results row"):
         targets.evaluate(_results([{"op": "matmul"}]))
+    with pytest.raises(ValueError, match="modes are not a list"):
+        targets.evaluate({**_results([]), "run": {"modes": "fwd"}})
+    # a run stopped inside softmax (its info has no "seconds"): the shapes it had left are not
+    # among the cases at all, so what was measured can at best be partly measured
+    stopped = _results(_rows_case("softmax", 32768, 1.0, 95.0, 2.0))
+    stopped["ops"] = {"softmax": {"status": "ok"}}
+    stopped["run"]["complete"] = False
+    cut = _by_name(targets.evaluate(stopped))["softmax fwd bfloat16, cols >= 4096: >= 90% of copy bandwidth"]
+    assert cut.status == "partly measured" and "the run stopped in this op" in cut.detail
+    assert "The run did not complete" in "\n".join(targets.summary_markdown(stopped))
+    stopped["ops"]["softmax"]["seconds"] = 3.0
+    assert _by_name(targets.evaluate(stopped))[cut.name].status == "met"
     broken = _matmul_case(8192, 8192, 8192, 1.0, 1.0)
     broken[1]["metric"] = None  # read from disk: never trusted to be a number
     assert _by_name(targets.evaluate(_results(broken)))["matmul fwd bfloat16 8192^3: > 780 TFLOP/s"].status == \
@@ -225,6 +237,16 @@ def test_publish_replaces_the_previous_run_and_ships_nothing_invalid(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["results-full.json", "results.json", "summary.md"]
     assert "report.tar.gz: not there" in skipped
     assert not (root / "tritonops" / "configs").exists() and any("no configs to ship" in w for w in written)
+    assert "(no report came back)" in (root / "README.md").read_text()
+    # a cut archive is skipped, not a crash halfway
+    whole = _tar(tmp_path / "whole.tar.gz", {"report/report.md": os.urandom(20000)})  # incompressible
+    (folder / "report.tar.gz").write_bytes(whole.read_bytes()[:200])
+    written, skipped = publish.publish(folder, root)
+    assert any(s.startswith("report.tar.gz: ") and "Error" in s for s in skipped), skipped
+    assert (dest / "summary.md").exists()
+    with pytest.raises(publish.Refused, match="where the run would be published"):
+        publish.publish(dest, root)  # would clear its own input
+    assert (dest / "results.json").exists()
 
 
 def test_publish_refuses_what_is_not_a_gpu_run(tmp_path):
@@ -297,7 +319,8 @@ def test_gpu_check_dry_run_brings_back_what_publish_takes(tmp_path, monkeypatch)
                      "tune.log", "tuned.json"], names
     assert all((out / n).is_file() for n in names)
     status = (out / "status.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in status] == ["env", "tests", "tune", "export", "bench", "export", "report"]
+    assert [line.split(":")[0] for line in status] == ["env", "tests", "tune", "export", "bench", "export", "report",
+                                                       "archive"]
     assert all(" rc=0 " in line + " " for line in status), status
     assert "1 passed" in (out / "tests.log").read_text()
     files, problems = read_bundle(out / "tuned.json")
