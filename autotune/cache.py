@@ -180,8 +180,7 @@ def merge_entries(old: dict | None, new: dict) -> dict:
 
 def _full_timing(record: dict) -> bool:
     """A record with a usable time (see time_ms) that was not cut short by an early stop."""
-    timing = record.get("timing")
-    return isinstance(timing, dict) and time_ms(timing.get("p50")) < math.inf and not record.get("stopped_early")
+    return entry_time(record) < math.inf and not record.get("stopped_early")
 
 
 class KernelFile:

@@ -214,6 +214,12 @@ class CompileJob:
     def name(self) -> str:
         return self.qualname
 
+    def source(self, fn) -> Any:
+        """The `triton.compiler.ASTSource` of this job for its kernel `fn` (a JITFunction)."""
+        from triton.compiler import ASTSource
+
+        return ASTSource(fn, self.signature, {k: _decode(v) for k, v in self.constexprs.items()}, self.attrs)
+
     def identity(self) -> str:
         """Equal for two jobs exactly when they compile the same binary."""
         return repr((self.module, self.qualname, self.kernel_key, sorted(self.signature.items(), key=repr),
@@ -457,14 +463,13 @@ def run_job(job: CompileJob) -> CompileResult:
         _apply_env(job.env)
         import triton
         from triton import knobs
-        from triton.compiler import ASTSource
 
         fn = _import_kernel(job.module, job.qualname)
         if fn.cache_key != job.kernel_key:
             raise RuntimeError(f"{job.module}.{job.qualname} imported here differs from the tuning process's "
                                f"(another source or constexpr globals): its binary would not be the one the JIT "
                                f"looks up")
-        src = ASTSource(fn, job.signature, {k: _decode(v) for k, v in job.constexprs.items()}, job.attrs)
+        src = job.source(fn)
         hits = []
         with _listener_lock:
             previous = knobs.compilation.listener

@@ -41,7 +41,7 @@ import torch  # does not import triton
 
 from . import cases, replay  # neither imports triton: prepare_backend() comes first
 from .backend import prepare_backend
-from .schema import NOT_PERF, PROVIDERS, SCHEMA, SCHEMA_VERSION, speedup_table
+from .schema import NOT_PERF, PROVIDERS, SCHEMA, SCHEMA_VERSION, shape_label, speedup_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -344,7 +344,8 @@ class Runner:
             if not self.args.torch_only_when_missing:
                 self.write()
                 return
-        print(f"== {name}: {len(shapes)} shapes x {self.args.modes} x {self.args.dtypes} x {providers}", flush=True)
+        modes = cases.op_modes(spec, self.args.modes)
+        print(f"== {name}: {len(shapes)} shapes x {modes} x {self.args.dtypes} x {providers}", flush=True)
         t_op = time.perf_counter()
         rows: list[dict] = self.results["cases"]  # appended case by case: a crash keeps what was measured
         for dtype in self.args.dtypes:
@@ -354,14 +355,14 @@ class Runner:
                 try:
                     inputs = spec.inputs(shape, dt, self.device)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory
-                    for mode in cases.op_modes(spec, self.args.modes):
+                    for mode in modes:
                         for p in providers:
                             rows.append({"op": name, "mode": mode, "dtype": dtype, "shape": dict(shape),
                                          "provider": p, "error": f"inputs: {_err(e)}"})
                     self.check_context()
                     self.write()
                     continue
-                for mode in cases.op_modes(spec, self.args.modes):
+                for mode in modes:
                     refs: dict = {}
                     case_rows = []
                     for p in providers:
@@ -404,7 +405,7 @@ class Runner:
             r["pct_of_ceiling"] = 100.0 * metric["value"] / ceiling if ceiling else None
 
     def print_row(self, r: dict) -> None:
-        head = f"  {r['op']:<11} {r['mode']} {r['dtype']:<8} {cases.shape_label(r['shape']):<28} {r['provider']:<16}"
+        head = f"  {r['op']:<11} {r['mode']} {r['dtype']:<8} {shape_label(r['shape']):<28} {r['provider']:<16}"
         if "error" in r:
             print(f"{head} ERROR {r['error']}", flush=True)
         elif "skipped" in r:

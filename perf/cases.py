@@ -205,27 +205,28 @@ def sdpa_backend_fn(backend_name: str, shape: dict) -> Callable:
     backend = getattr(SDPBackend, backend_name, None)
     if backend is None:
         raise RuntimeError(f"this torch ({torch.__version__}) has no SDPBackend.{backend_name}")
-    causal = bool(shape["causal"])
-    gqa = _gqa(shape)
+    kwargs = _sdpa_kwargs(shape)
 
     def run(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return run
 
 
-def _gqa(shape: dict) -> dict:
-    return {"enable_gqa": True} if shape.get("HKV", shape["H"]) != shape["H"] else {}
+def _sdpa_kwargs(shape: dict) -> dict:
+    """is_causal, and enable_gqa where there are fewer key / value heads than query heads."""
+    gqa = {"enable_gqa": True} if shape.get("HKV", shape["H"]) != shape["H"] else {}
+    return {"is_causal": bool(shape["causal"]), **gqa}
 
 
 def _attention_torch(shape):
-    causal, gqa = bool(shape["causal"]), _gqa(shape)
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+    kwargs = _sdpa_kwargs(shape)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def _attention_ours(fn, shape):
-    causal, gqa = bool(shape["causal"]), _gqa(shape)
-    return lambda q, k, v: fn(q, k, v, is_causal=causal, **gqa)
+    kwargs = _sdpa_kwargs(shape)
+    return lambda q, k, v: fn(q, k, v, **kwargs)
 
 
 def _rms_norm_torch(shape):
@@ -349,6 +350,3 @@ def describe(spec: OpSpec) -> dict[str, Any]:
     return {"metric": spec.metric, "x": spec.x, "group": list(spec.group), "params": spec.params,
             "providers": list(spec.providers())}
 
-
-def shape_label(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .schema import BASE_PROVIDERS, PROVIDERS, SCHEMA, SCHEMA_VERSION, speedup_table  # noqa: E402
+from .schema import BASE_PROVIDERS, PROVIDERS, SCHEMA, SCHEMA_VERSION, md_table, speedup_table  # noqa: E402
 
 UNITS = {"M": "M (rows of A)", "cols": "columns (elements per row)", "L": "sequence length L = S"}
 
@@ -288,12 +288,6 @@ def plot_replay(runs, out: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- markdown
-
-
-def md_table(header, rows) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def write_markdown(runs, figures: dict, speed: dict, speed_png, replay_png, out: Path) -> Path:

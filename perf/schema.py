@@ -1,5 +1,6 @@
 """The results file that perf.bench writes and perf.report reads: its name and version,
-the provider names, the no-GPU warning, and the summaries both of them print.
+the provider names, the no-GPU warning, the summaries both of them print, and the small
+helpers every reader of a results file uses.
 
 Imports nothing beyond the standard library: the report only reads JSON, and plots
 on a machine without torch.
@@ -23,12 +24,28 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
 PROVIDERS = BASE_PROVIDERS + tuple(SDPA_BACKENDS)
 
 
+def finite_number(value) -> bool:
+    """Whether a value read back from JSON is a finite number (not a bool, None or a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def geomean(values: Iterable) -> float | None:
     """Geometric mean of the positive finite numbers among `values` (None, errors and junk
     read back from JSON are left out); None when there are none."""
-    vals = [v for v in values
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)]
+    vals = [v for v in values if finite_number(v) and v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def shape_label(shape: dict) -> str:
+    """A case's shape as text, e.g. "M=16 N=4096 K=4096"."""
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def md_table(header, rows) -> list[str]:
+    """A markdown table, and the blank line after it."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
 
 
 def speedup_table(rows: Iterable[tuple[str, dict]]) -> dict[tuple, dict[str, float | None]]:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import NOT_PERF, SCHEMA, geomean
+from .schema import NOT_PERF, SCHEMA, finite_number, geomean, md_table, shape_label
 
 OURS = "tritonops"
 MATMUL_TFLOPS_8192 = 780.0
@@ -47,21 +46,13 @@ class Target:
     failing: list = field(default_factory=list)  # shape labels that miss it
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _timed(row: dict | None) -> bool:
-    return row is not None and _number(row.get("p50")) and row["p50"] > 0
+    return row is not None and finite_number(row.get("p50")) and row["p50"] > 0
 
 
 def _metric(row: dict | None) -> float | None:
     metric = row.get("metric") if _timed(row) else None
-    return metric["value"] if isinstance(metric, dict) and _number(metric.get("value")) else None
-
-
-def _shape_label(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())
+    return metric["value"] if isinstance(metric, dict) and finite_number(metric.get("value")) else None
 
 
 def _groups(results: dict) -> dict[tuple, dict[str, dict[str, dict]]]:
@@ -75,7 +66,7 @@ def _groups(results: dict) -> dict[tuple, dict[str, dict[str, dict]]]:
         if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("op", "mode", "dtype", "provider"))
                 and isinstance(r.get("shape"), dict)):
             raise ValueError(f"a case that is not a results row: {str(r)[:200]}")
-        out.setdefault((r["op"], r["mode"], r["dtype"]), {}).setdefault(_shape_label(r["shape"]), {})[r["provider"]] = r
+        out.setdefault((r["op"], r["mode"], r["dtype"]), {}).setdefault(shape_label(r["shape"]), {})[r["provider"]] = r
     return out
 
 
@@ -110,7 +101,7 @@ def matmul_targets(results: dict) -> list[Target]:
             continue
         shapes = groups.get((op, mode, dtype), {})
         speedups = [(label, rows[OURS]["speedup_vs_torch"]) for label, rows in shapes.items()
-                    if _timed(rows.get(OURS)) and _number(rows[OURS].get("speedup_vs_torch"))]
+                    if _timed(rows.get(OURS)) and finite_number(rows[OURS].get("speedup_vs_torch"))]
         gm = geomean(v for _, v in speedups)
         slower = [(label, v) for label, v in speedups if v < 1.0]
         worst = min(speedups, key=lambda t: t[1], default=None)
@@ -126,7 +117,7 @@ def matmul_targets(results: dict) -> list[Target]:
         target.failing = []  # the detail names the shapes
         out.append(target)
         if mode == "fwd":
-            big = shapes.get(_shape_label({"M": 8192, "N": 8192, "K": 8192}), {}).get(OURS)
+            big = shapes.get(shape_label({"M": 8192, "N": 8192, "K": 8192}), {}).get(OURS)
             name = f"matmul fwd {dtype} 8192^3: > {MATMUL_TFLOPS_8192:g} TFLOP/s"
             tflops = _metric(big)
             if tflops is not None:
@@ -150,7 +141,7 @@ def row_targets(results: dict) -> list[Target]:
         for label, rows in wide.items():
             ours = rows.get(OURS)
             pct = ours.get("pct_of_ceiling") if _timed(ours) else None
-            if _number(pct):
+            if finite_number(pct):
                 pct_checked.append((label, pct >= ROW_PCT_OF_COPY))
                 pcts.append((label, pct))
             else:
@@ -244,10 +235,10 @@ def performance_rows(results: dict) -> list[list[str]]:
             gm = _ratio_geomean(shapes, other)
             cells.append(f"{gm:.2f}x" if gm else "-")
         pcts = [r[OURS]["pct_of_ceiling"] for r in shapes.values()
-                if _timed(r.get(OURS)) and _number(r[OURS].get("pct_of_ceiling"))]
+                if _timed(r.get(OURS)) and finite_number(r[OURS].get("pct_of_ceiling"))]
         cells.append(f"{min(pcts):.0f}-{max(pcts):.0f}%" if pcts else "-")
         errs = [r[OURS]["rel_err_vs_torch"] for r in shapes.values()
-                if _number((r.get(OURS) or {}).get("rel_err_vs_torch"))]
+                if finite_number((r.get(OURS) or {}).get("rel_err_vs_torch"))]
         cells.append(f"{max(errs):.1e}" if errs else "-")
         rows.append(cells)
     return rows
@@ -257,24 +248,19 @@ PERFORMANCE_HEADER = ["op", "mode", "dtype", "shapes timed", "vs torch", "vs tor
                       "tuned vs default", "% of ceiling", "max rel. err vs torch"]
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def targets_markdown(targets: list[Target]) -> list[str]:
     rows = [[t.name, t.status, t.value, t.detail + (f"; misses at {', '.join(t.failing[:4])}"
                                                     + (" ..." if len(t.failing) > 4 else "") if t.failing else "")]
             for t in targets]
-    return markdown_table(["target", "status", "value", "where"], rows)
+    return md_table(["target", "status", "value", "where"], rows)
 
 
 def ceilings_line(results: dict) -> str:
     c = results.get("ceilings") or {}
     mm = c.get("matmul_tflops") or {}
     copy = c.get("copy_GBps")
-    parts = [f"copy {copy:.0f} GB/s" if _number(copy) else "copy not measured"]
-    parts += [f"torch.matmul 8192^3 {k} {v:.0f} TFLOP/s" for k, v in mm.items() if _number(v)]
+    parts = [f"copy {copy:.0f} GB/s" if finite_number(copy) else "copy not measured"]
+    parts += [f"torch.matmul 8192^3 {k} {v:.0f} TFLOP/s" for k, v in mm.items() if finite_number(v)]
     return ", ".join(parts)
 
 
@@ -296,8 +282,8 @@ def summary_markdown(results: dict) -> list[str]:
           "", "Ratios are geometric means over the shapes of the other provider's median time over ours "
           "(> 1: ours faster); ours is the tuned provider. % of ceiling: the lowest and highest over the shapes "
           "(TFLOP/s against torch.matmul's 8192^3 rate, GB/s against the copy bandwidth).", ""]
-    md += markdown_table(PERFORMANCE_HEADER, performance_rows(results)) + [""]
-    md += ["Targets:", ""] + targets_markdown(evaluate(results)) + [""]
+    md += md_table(PERFORMANCE_HEADER, performance_rows(results))
+    md += ["Targets:", ""] + targets_markdown(evaluate(results))
     return md
 
 

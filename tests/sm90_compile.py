@@ -43,9 +43,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from autotune.precompile import _decode, capture_launches, compile_job  # noqa: E402
+from autotune.precompile import capture_launches, compile_job  # noqa: E402
 from tritonops import runtime  # noqa: E402
 from tritonops.ops import attention as attention_ops  # noqa: E402
 from tritonops.ops import matmul as matmul_ops  # noqa: E402
@@ -54,7 +53,6 @@ from tritonops.ops import softmax as softmax_ops  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED = 232448  # bytes of shared memory a block may use on an H100 / H200 (227 KB)
-H100_SMS = 132
 knobs.nvidia.dump_ptxas_log = True
 knobs.compilation.always_compile = True  # ptxas runs, and logs, for every kernel, even one whose hash repeats
 runtime.POISON = False
@@ -89,7 +87,7 @@ def compile_launch(launch) -> dict:
     job = compile_job(launch, TARGET)
     ident = job.identity()
     if ident not in _compiled:
-        src = ASTSource(launch.fn, job.signature, {k: _decode(v) for k, v in job.constexprs.items()}, job.attrs)
+        src = job.source(launch.fn)
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log):

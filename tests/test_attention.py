@@ -16,7 +16,7 @@ from tritonops.ops import attention as attn_ops
 from tritonops.tuning import attention as attn_tuning
 from tritonops.ops.attention import attention
 
-from .utils import check_op
+from .utils import check_op, qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 sdpa = F.scaled_dot_product_attention
@@ -32,12 +32,6 @@ def sdpa_math(*args, **kwargs):
 
 def randn(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(shape, dtype=dtype, device=device)
-
-
-def qkv(B, H, L, S, E, EV=None, dtype=torch.float32, device="cpu", HK=None):
-    HK = HK or H
-    return (randn(B, H, L, E, dtype=dtype, device=device), randn(B, HK, S, E, dtype=dtype, device=device),
-            randn(B, HK, S, EV or E, dtype=dtype, device=device))
 
 
 # --------------------------------------------------------------------------- forward + backward vs torch

@@ -79,3 +79,10 @@ def assert_compiles_like_eager(fn, args):
     torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
     for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def qkv(B, H, L, S, E, EV=None, dtype=torch.float32, device="cpu", HK=None):
+    """Random q (B, H, L, E), k (B, HK, S, E) and v (B, HK, S, EV or E); HK defaults to H."""
+    HK = HK or H
+    return (torch.randn(B, H, L, E, dtype=dtype, device=device), torch.randn(B, HK, S, E, dtype=dtype, device=device),
+            torch.randn(B, HK, S, EV or E, dtype=dtype, device=device))

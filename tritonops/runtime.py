@@ -6,7 +6,6 @@ at decoration time), so it is read here once, at import.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -69,16 +68,16 @@ def sm_count(device: torch.device) -> int:
     device's 132 (an H100's)."""
     if device.type != "cuda" or INTERPRETER:
         return device_properties()["multiprocessor_count"]
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return device_properties(index)["multiprocessor_count"]
+    return device_properties(device.index if device.index is not None else torch.cuda.current_device()
+                             )["multiprocessor_count"]
 
 
 # Bytes a tensor descriptor's base address and non-unit strides must be multiples of (TMA).
 TMA_ALIGN = 16
+# The dtypes our kernels read through tensor descriptors. 16-bit only: compiled for sm90,
+# float32 at torch's default precision (exact fp32 dots, no tensor cores) spills on every
+# attention tile, and more on descriptor loads than on pointer loads.
+TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def supports_tma(device: torch.device) -> bool:
@@ -86,12 +85,8 @@ def supports_tma(device: torch.device) -> bool:
     off a GPU (the interpreter, or compiling for sm90 without one) the layout alone decides."""
     if device.type != "cuda" or INTERPRETER:
         return True
-    return _supports_tma(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _supports_tma(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.version.hip is None and device_properties(index)["capability"][0] >= 9
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:

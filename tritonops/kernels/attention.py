@@ -379,8 +379,9 @@ def _attn_split_merge_kernel(
         weight += w
     total = tl.sum(weight, 0)
     has_mass = total > 0.0
-    out = acc / tl.where(has_mass, total, 1.0)
-    lse = tl.where(has_mass, m_use + tl.log2(tl.where(has_mass, total, 1.0)), float("inf"))
+    safe_total = tl.where(has_mass, total, 1.0)
+    out = acc / safe_total
+    lse = tl.where(has_mass, m_use + tl.log2(safe_total), float("inf"))
     tl.store(lse_ptr + row, lse)
     tl.store(o_ptr + z * stride_oz + h * stride_oh + i * stride_om + offs_dv * stride_ok,
              cast_to(out, o_ptr.dtype.element_ty), mask=offs_dv < EV)

@@ -78,13 +78,17 @@ def exact_delta_enabled() -> bool:
 # --------------------------------------------------------------------------- launchers
 
 
+def _mask_kind(mask: torch.Tensor | None) -> str:
+    """The kernels' MASK: "none", "bool" or "add" (an additive float mask)."""
+    return "none" if mask is None else "bool" if mask.dtype == torch.bool else "add"
+
+
 def _mask_args(mask: torch.Tensor | None, fallback: torch.Tensor):
     """(pointer tensor, strides, kind) for the kernels; bool masks are read as uint8."""
-    if mask is None:
-        return fallback, (0, 0, 0, 0), "none"
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), mask.stride(), "bool"
-    return mask, mask.stride(), "add"
+    kind = _mask_kind(mask)
+    if kind == "none":
+        return fallback, (0, 0, 0, 0), kind
+    return (mask.view(torch.uint8) if kind == "bool" else mask), mask.stride(), kind
 
 
 def _dropout_scale(dropout_p: float) -> float:
@@ -106,17 +110,12 @@ def _scales(scale: float | None, E: int) -> tuple[float, float]:
     return scale * LOG2E, scale
 
 
-# 16-bit only: compiled for sm90, float32 at torch's default precision (exact fp32 dots, no
-# tensor cores) spills on every tile, and more on descriptor loads than on pointer loads.
-DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def _descriptor_layout(t: torch.Tensor) -> bool:
     """A (Z, heads, n, d) operand a tensor descriptor can read one head of: unit stride along d,
     a 16-byte aligned row stride and base address of every head (data pointer and batch and
     head strides), d and n at least 1."""
     itemsize = t.element_size()
-    if t.dtype not in DESCRIPTOR_DTYPES or min(t.shape[2:]) < 1 or t.stride(3) != 1:
+    if t.dtype not in runtime.TMA_DTYPES or min(t.shape[2:]) < 1 or t.stride(3) != 1:
         return False
     if t.stride(2) <= 0 or (t.stride(2) * itemsize) % runtime.TMA_ALIGN:
         return False
@@ -159,7 +158,7 @@ def attention_fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        causal: bool = False, dropout_p: float = 0.0, config: Config | None = None) -> ForwardPlan:
     """The kernel and config `launch_attention_fwd` uses for these operands.
 
-    Up to SPLIT_MAX_L query rows, no mask, no dropout and no `config`: the split-key forward,
+    Up to SPLIT_MAX_L query rows, not causal, no mask, no dropout and no `config`: the split-key forward,
     where the keys split into two slices or more (else there is nothing to gain over one
     program per row block). Otherwise the regular forward with `config` (or the tuner's),
     on tensor descriptors where there is no mask and no dropout and q, k, v and the output
@@ -169,13 +168,14 @@ def attention_fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    if config is None and mask is None and not dropout_p > 0 and L <= SPLIT_MAX_L and HK > 0:
+    # causal rows attend to at most L <= SPLIT_MAX_L keys: one BLOCK_N block, nothing to split
+    if config is None and mask is None and not dropout_p > 0 and L <= SPLIT_MAX_L and HK > 0 and not causal:
         split_cfg = attention_split_config(attention_split_key(E, EV, (H // HK) * L, S, q.dtype, causal))
         splits = _split_layout(q, k, causal, split_cfg)[0]
         if splits > 1:
             return ForwardPlan("split", split_cfg, splits)
-    mask_kind = _mask_args(mask, q)[2]
-    cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, mask_kind, dropout_p > 0))
+    cfg = config or ATTENTION_TUNER.select(attention_key(E, EV, L, S, q.dtype, causal, _mask_kind(mask),
+                                                         dropout_p > 0))
     # the output is new and contiguous: its rows are aligned where Ev's bytes are
     tma = (mask is None and not dropout_p > 0 and runtime.supports_tma(q.device)
            and all(_descriptor_layout(t) for t in (q, k, v)) and (EV * q.element_size()) % runtime.TMA_ALIGN == 0)

@@ -45,8 +45,9 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
                     INPUT_PRECISION=dot_input_precision(a.dtype))
     zz = z if z is not None else c
     bias_arg, bias_stride = (bias, bias.stride(0)) if bias is not None else (c, 0)
-    layout = tma_layout(a, b, c, z) if cfg.get("TMA", False) else None
-    if cfg.get("TMA", False) and layout is None:
+    tma = cfg.get("TMA", False)
+    layout = tma_layout(a, b, c, z) if tma else None
+    if tma and layout is None:
         cfg = matmul_pointer_heuristic(key or matmul_key(a, b, bias is not None or activation is not None))
     if layout is not None:
         (a_kmajor, stride_a), (b_kmajor, stride_b) = layout
@@ -77,15 +78,12 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
         a, b, work, work, work, M, N, K, *a.stride(), *b.stride(), *c.stride(), 0,
         EVEN_K=even_k, HAS_BIAS=False, ACTIVATION="none", STORE_PREACT=False,
         INPUT_PRECISION=epilogue["INPUT_PRECISION"], SPLIT_K=split_k, **cfg.launch_kwargs())
-    rc = splitk_reduce_config(M, N)
+    rc = splitk_reduce_config(M)
     _splitk_reduce_kernel[(B * triton.cdiv(M, rc["BLOCK_M"]) * triton.cdiv(N, rc["BLOCK_N"]),)](
         work, c, zz, bias_arg, M, N, *c.stride(), bias_stride, SPLIT_K=split_k,
         HAS_BIAS=epilogue["HAS_BIAS"], ACTIVATION=epilogue["ACTIVATION"], STORE_PREACT=store_preact,
         **rc.launch_kwargs())
     return c, z
-
-
-TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _descriptor_layout(t: torch.Tensor) -> tuple[bool, int] | None:
@@ -108,7 +106,7 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tenso
     (a GPU without TMA, more than one batch, not fp16 / bf16, K = 0, or a layout TMA refuses: c and z need a unit
     column stride, every base address and other stride 16-byte alignment). The pointer kernel
     takes those."""
-    if a.shape[0] != 1 or a.dtype not in TMA_DTYPES or a.shape[2] == 0:  # K = 0: no descriptor of a 0-wide dim
+    if a.shape[0] != 1 or a.dtype not in runtime.TMA_DTYPES or a.shape[2] == 0:  # K = 0: no descriptor of a 0-wide dim
         return None
     if not runtime.supports_tma(a.device):
         return None

@@ -2,6 +2,7 @@
 keys, the heuristic defaults, the search spaces, the tuning runners, the Tuners and the
 `autotune` op."""
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -315,6 +316,7 @@ SPLIT_MAX_BLOCK_M = 64  # rows of a GQA group a program packs (more: several row
 SPLIT_PROGRAMS_PER_SM = 2  # the default's target: programs = PROGRAMS_PER_SM x SMs
 
 
+@functools.lru_cache(maxsize=None)  # asked on every decode step; its key is bucketed
 def attention_split_config(key: AttentionSplitKey) -> Config:
     """Split-key forward default: BLOCK_M packed query rows (the group's heads x L queries,
     16 to SPLIT_MAX_BLOCK_M: tl.dot needs 16), stepping BLOCK_N keys through a 3-stage

@@ -1,6 +1,7 @@
 """Config choice of the matmul kernel (matmul, linear and their backward): the key, the
 heuristic default, the search space, the tuning runner, the Tuner and the `autotune` ops."""
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -57,8 +58,7 @@ def matmul_heuristic(key: MatmulKey) -> Config:
     - Decode-shaped problems (M up to DECODE_M) take 64-column tiles and split K until the
       grid has 2 x TARGET_SMS programs, each split at least MIN_SPLIT_STEPS steps of BLOCK_K.
     """
-    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
-    block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
+    block_k = _block_k(key)
     if (key.dtype in ("float16", "bfloat16") and key.M >= TMA_MIN_MN and key.N >= TMA_MIN_MN
             and tma_rows_aligned(key) and key.K >= block_k):
         # A fused epilogue (erf, the pre-activation's store) spills a 128 x 256 tile's registers.
@@ -77,12 +77,19 @@ def tma_rows_aligned(key: MatmulKey) -> bool:
     return all(n % 8 == 0 for n in rows)
 
 
+def _block_k(key: MatmulKey) -> int:
+    """BLOCK_K of the defaults: 64 for 16-bit types, 32 for float32, 16 for float64, never past
+    next_pow2(K) (and never under 16, the smallest `tl.dot`)."""
+    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
+    return min(block_k, max(16, triton.next_power_of_2(key.K)))
+
+
+@functools.lru_cache(maxsize=None)  # a launch the descriptor kernel cannot take asks on every call
 def matmul_pointer_heuristic(key: MatmulKey) -> Config:
     """matmul_heuristic's config on the pointer kernel: also what a launch whose operands the
     descriptor kernel cannot take (a batch, unaligned strides) runs instead of a descriptor
     config, whose tile may be too large for the pointer kernel's registers."""
-    block_k = {"float16": 64, "bfloat16": 64, "float32": 32}.get(key.dtype, 16)
-    block_k = min(block_k, max(16, triton.next_power_of_2(key.K)))
+    block_k = _block_k(key)
     block_m = min(128, max(16, triton.next_power_of_2(key.M)))
     block_n = min(128, max(16, triton.next_power_of_2(key.N)))
     split_k = 1
@@ -97,10 +104,15 @@ def matmul_pointer_heuristic(key: MatmulKey) -> Config:
                   num_warps=num_warps, num_stages=3, host={"TMA": False, "SPLIT_K": split_k, "EPILOGUE_SUBTILE": False})
 
 
-def splitk_reduce_config(M: int, N: int) -> Config:
+def splitk_reduce_config(M: int) -> Config:
     """Tile of the split-K reduction: at most 32 x 64 outputs, so even a decode problem's
     few rows spread over many programs."""
-    return Config({"BLOCK_M": min(32, max(16, triton.next_power_of_2(M))), "BLOCK_N": 64}, num_warps=4, num_stages=1)
+    return _reduce_config(min(32, max(16, triton.next_power_of_2(M))))
+
+
+@functools.lru_cache(maxsize=None)  # two tiles in all, asked on every split-K launch
+def _reduce_config(block_m: int) -> Config:
+    return Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 
 
 def _smem_bytes(config: Config, problem: dict) -> int:

@@ -20,18 +20,20 @@ WHOLE_ROW_FWD = {2: 32768, 4: 16384, 8: 8192}
 # log_softmax's backward compiles cleanly at 32768 and takes WHOLE_ROW_FWD.
 WHOLE_ROW_BWD = {2: 16384, 4: 16384, 8: 8192}
 STRIDED_TILE_MAX = {2: 16384, 4: 16384, 8: 8192}  # elements of a tile of strided rows, by itemsize
+# row_tile_config relies on it: a strided tile is never longer than a row the defaults hold whole
+assert all(STRIDED_TILE_MAX[k] <= min(WHOLE_ROW_FWD[k], WHOLE_ROW_BWD[k]) for k in STRIDED_TILE_MAX)
 LOOP_BLOCK_N = 4096  # chunk of a longer row, swept twice (online softmax)
 SHORT_ROW_TILE = 4096  # elements a program aims at when rows are short: several rows per program
 STRIDED_ROWS = 32  # rows per program when the reduced dim is not the unit-stride one
 
 
 def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool,
-                    whole_row_max: dict[int, int] | None = None) -> Config:
+                    whole_row_max: dict[int, int]) -> Config:
     """BLOCK_R x BLOCK_N tile for a row-wise reduction (softmax, norms).
 
     - Unit-stride rows: BLOCK_N = next_pow2(N) (at least 16) while the row fits in one
-      tile (whole_row_max[itemsize], by default WHOLE_ROW_FWD: 32K 2-byte elements, 16K
-      4-byte, 8K float64; WHOLE_ROW_BWD for the backwards that spill beyond 16K); longer rows loop
+      tile (whole_row_max[itemsize]: WHOLE_ROW_FWD's 32K 2-byte elements, 16K 4-byte, 8K
+      float64; WHOLE_ROW_BWD for the backwards that spill beyond 16K); longer rows loop
       over LOOP_BLOCK_N chunks. Short rows are stacked, BLOCK_R = SHORT_ROW_TILE // BLOCK_N
       (never past next_pow2(n_rows)), so each program moves enough bytes.
     - Strided rows (the reduced dim is not unit-stride, e.g. softmax over dim 1 of
@@ -39,13 +41,12 @@ def row_tile_config(n_cols: int, n_rows: int, itemsize: int, strided: bool,
       loads coalesce; BLOCK_N fills the rest of STRIDED_TILE_MAX, looping beyond it.
     Warps grow with the tile (row_num_warps); 2 stages only where there is a loop.
     """
-    one_pass_max = (whole_row_max or WHOLE_ROW_FWD)[itemsize]
+    whole_max = whole_row_max[itemsize]
     rows_cap = triton.next_power_of_2(max(n_rows, 1))
     if strided:
         block_r = min(STRIDED_ROWS, rows_cap)
-        block_n = min(max(16, triton.next_power_of_2(n_cols)),
-                      min(one_pass_max, STRIDED_TILE_MAX[itemsize]) // block_r)
-    elif n_cols <= one_pass_max:
+        block_n = min(max(16, triton.next_power_of_2(n_cols)), STRIDED_TILE_MAX[itemsize] // block_r)
+    elif n_cols <= whole_max:
         block_n = max(16, triton.next_power_of_2(n_cols))
         block_r = max(1, min(SHORT_ROW_TILE // block_n, rows_cap))
     else:
